@@ -1,0 +1,60 @@
+"""``halp analyze``: the layers and coupled channel groups HALP will time and prune."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..fsio import atomic_write_text
+from ..models import torchvision_names
+from ..structure import NetworkSpec, analyze
+from .common import add_model_args, format_table, human, model_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="print a model's layers and coupled channel groups",
+                       description=__doc__)
+    add_model_args(p)
+    p.add_argument("--ignore", nargs="*", default=[],
+                   help="layer names whose channel groups must not be pruned")
+    p.add_argument("--json", default=None, help="also write the NetworkSpec as JSON here")
+    p.set_defaults(func=run)
+    m = sub.add_parser("models", help="list the torchvision model names --model accepts")
+    m.set_defaults(func=lambda _args: print("\n".join(torchvision_names())))
+
+
+def run(args: argparse.Namespace) -> int:
+    model, x = model_from_args(args)
+    spec = analyze(model, x, ignore=args.ignore, name=args.model)
+    print(render(spec))
+    if args.json:
+        atomic_write_text(args.json, spec.to_json())
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def render(spec: NetworkSpec) -> str:
+    groups = format_table(
+        ["group", "channels", "prunable", "producers", "consumers", "bn", "first producer / why not"],
+        [[g.id, g.channels, "yes" if g.prunable else "no", len(g.producers), len(g.consumers),
+          len(g.norms), g.producers[0] if g.prunable else g.reason] for g in spec.groups],
+    )
+    layers = format_table(
+        ["layer", "op", "kernel", "stride", "in hw", "cin", "cout", "in grp", "out grp", "act",
+         "MACs"],
+        [[lay.name, lay.op, "x".join(map(str, lay.kernel)) or "-",
+          "x".join(map(str, lay.stride)) or "-", "x".join(map(str, lay.in_hw)) or "-",
+          lay.cin, lay.cout,
+          lay.in_group if len(lay.in_sources) <= 1 else "+".join(
+              "-" if g is None else str(g) for g, _ in lay.in_sources),
+          lay.out_group, lay.act, human(lay.macs)] for lay in spec.layers],
+    )
+    prunable = spec.prunable_groups
+    totals = (
+        f"{spec.model or 'model'} @ {'x'.join(map(str, spec.input_shape))}: "
+        f"{len(spec.layers)} conv/linear layers, {len(spec.groups)} channel groups "
+        f"({len(prunable)} prunable, {sum(g.channels for g in prunable)} prunable channels), "
+        f"{human(spec.total_params)} parameters, {human(spec.total_macs)} MACs per sample "
+        "(conv/linear)"
+    )
+    unused = f"\nnot run in forward (skipped): {', '.join(spec.unused)}" if spec.unused else ""
+    return f"Channel groups\n{groups}\n\nLayers\n{layers}\n\n{totals}{unused}"
