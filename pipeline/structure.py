@@ -277,7 +277,9 @@ def _activation_after(node: Any) -> tuple[bool, str | None]:
     return has_bn, act
 
 
-def _layer_names(ignore: Iterable[str | nn.Module] | None, names: Mapping[nn.Module, str]) -> set[str]:
+def _layer_names(
+    ignore: Iterable[str | nn.Module] | None, names: Mapping[nn.Module, str]
+) -> set[str]:
     out = set()
     for item in ignore or ():
         if isinstance(item, nn.Module):

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
 def render(spec: NetworkSpec) -> str:
     groups = format_table(
-        ["group", "channels", "prunable", "producers", "consumers", "bn", "first producer / why not"],
+        ["group", "channels", "prunable", "producers", "consumers", "bn",
+         "first producer / why not"],
         [[g.id, g.channels, "yes" if g.prunable else "no", len(g.producers), len(g.consumers),
           len(g.norms), g.producers[0] if g.prunable else g.reason] for g in spec.groups],
     )

@@ -1,0 +1,209 @@
+"""Structure analysis on real torchvision models through Torch-Pruning's DependencyGraph."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.errors import ModelLoadError, ShapeError, StructureError
+from pipeline.models import load_model, parse_shape
+from pipeline.structure import NetworkSpec, analyze
+
+NAMED = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "efficientnet_b0"]
+OTHERS = ["densenet121", "googlenet", "regnet_y_400mf", "mnasnet0_5", "squeezenet1_0",
+          "mobilenet_v3_small", "alexnet", "resnext50_32x4d", "convnext_tiny"]
+
+
+def _input(name: str) -> torch.Tensor:
+    size = 224 if name in {"alexnet", "vgg11_bn", "squeezenet1_0"} else 96
+    return torch.randn(1, 3, size, size)
+
+
+_cache: dict[str, tuple[nn.Module, NetworkSpec, dict]] = {}
+
+
+def _analyzed(name: str) -> tuple[nn.Module, NetworkSpec, dict]:
+    """Model, its spec, and the (input, output) shapes seen by independent forward hooks."""
+    if name not in _cache:
+        torch.manual_seed(0)
+        model = load_model(name).eval()
+        x = _input(name)
+        seen: dict[str, tuple] = {}
+
+        def record(name: str):
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+                seen.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
+            return hook
+
+        hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        _cache[name] = (model, analyze(model, x, name=name), seen)
+    return _cache[name]
+
+
+@pytest.mark.parametrize("name", NAMED + OTHERS)
+def test_every_layer_once_with_consistent_channels(name: str) -> None:
+    _, spec, seen = _analyzed(name)
+    names = [layer.name for layer in spec.layers]
+    assert len(names) == len(set(names))
+    assert sorted(names) == sorted(seen), "each conv/linear that runs appears exactly once"
+    for layer in spec.layers:
+        if layer.in_group is not None:
+            assert spec.group(layer.in_group).prunable
+            assert layer.cin == spec.group(layer.in_group).channels * layer.in_expand
+        assert layer.cin == layer.in_expand * sum(c for _, c in layer.in_sources)
+        if layer.out_group is not None:
+            assert layer.cout == spec.group(layer.out_group).channels
+            assert layer.name in spec.group(layer.out_group).producers
+        assert layer.dims() == (layer.cin, layer.cout)
+
+
+@pytest.mark.parametrize("name", NAMED + OTHERS)
+def test_spatial_sizes_match_forward_pass(name: str) -> None:
+    _, spec, seen = _analyzed(name)
+    for layer in spec.layers:
+        x_shape, y_shape = seen[layer.name]
+        if layer.op == "linear":
+            assert layer.in_hw == tuple(x_shape[1:-1])
+        else:
+            assert layer.in_hw == tuple(x_shape[2:])
+            assert layer.out_hw == tuple(y_shape[2:])
+        assert layer.batch == x_shape[0]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_residual_adds_share_one_group(name: str) -> None:
+    model, spec, _ = _analyzed(name)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        blocks = getattr(model, stage)
+        last = "conv2" if name == "resnet18" else "conv3"
+        feeding = [f"{stage}.{i}.{last}" for i in range(len(blocks))]
+        if blocks[0].downsample is not None:
+            feeding.append(f"{stage}.0.downsample.0")
+        owners = {spec.layer(n).out_group for n in feeding}
+        group_ids = {g.id for g in spec.groups if set(feeding) <= set(g.producers)}
+        assert len(group_ids) == 1, f"{stage}: residual producers split over {group_ids}"
+        # layer4 feeds the classifier only; every other stage's group is prunable
+        assert owners == group_ids or owners == {None}
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0", "mnasnet0_5",
+                                  "mobilenet_v3_small", "convnext_tiny"])
+def test_depthwise_convs_tie_input_and_output(name: str) -> None:
+    _, spec, _ = _analyzed(name)
+    dws = [layer for layer in spec.layers if layer.op == "dwconv"]
+    assert dws
+    for layer in dws:
+        assert layer.in_group == layer.out_group
+        assert layer.groups == layer.cin == layer.cout
+
+
+def test_classifier_and_network_input_not_prunable() -> None:
+    _, spec, _ = _analyzed("resnet18")
+    assert spec.layer("fc").out_group is None
+    assert spec.layer("conv1").in_group is None
+    assert spec.layer("conv1").in_sources == [(None, 3)]
+    assert [g.producers for g in spec.groups if not g.prunable] == [["fc"]]
+
+
+def test_concat_consumers_list_their_sources() -> None:
+    _, spec, _ = _analyzed("densenet121")
+    layer = spec.layer("features.denseblock1.denselayer3.conv1")
+    assert len(layer.in_sources) == 3  # stem output + two earlier dense layers
+    assert sum(c for _, c in layer.in_sources) == layer.cin
+
+
+def test_grouped_convolutions_are_not_prunable() -> None:
+    _, spec, _ = _analyzed("resnext50_32x4d")
+    grouped = [layer for layer in spec.layers if layer.op == "conv" and layer.groups > 1]
+    assert grouped
+    for layer in grouped:
+        assert layer.in_group is None and layer.out_group is None
+    assert any("grouped convolution" in (g.reason or "") for g in spec.groups)
+
+
+def test_flatten_into_linear_expands_channels() -> None:
+    _, spec, _ = _analyzed("vgg11_bn")
+    fc = spec.layer("classifier.0")
+    assert fc.in_expand == 49 and fc.in_group is not None
+    assert spec.group(fc.in_group).channels == 512
+
+
+def test_ignore_marks_groups_not_prunable() -> None:
+    model = torchvision.models.resnet18()
+    spec = analyze(model, torch.randn(1, 3, 64, 64), ignore=["conv1", "layer3.0.conv1"])
+    assert spec.layer("conv1").out_group is None
+    assert spec.layer("layer1.0.conv2").out_group is None  # coupled to the stem by the adds
+    assert spec.layer("layer3.0.conv1").out_group is None
+    reasons = {g.reason for g in spec.groups if not g.prunable}
+    assert "ignored layer conv1" in reasons
+    with pytest.raises(StructureError, match="not modules of the model"):
+        analyze(model, torch.randn(1, 3, 64, 64), ignore=["no.such.layer"])
+
+
+def test_macs_params_and_json_round_trip() -> None:
+    model = torchvision.models.resnet18()
+    spec = analyze(model, torch.randn(1, 3, 224, 224))
+    assert abs(spec.total_macs - 1.814e9) / 1.814e9 < 0.01  # the published ResNet-18 figure
+    assert spec.total_params == sum(p.numel() for p in model.parameters())
+    assert spec.macs() == spec.total_macs
+    halved = {g.id: g.channels // 2 for g in spec.prunable_groups}
+    assert spec.macs(halved) < 0.45 * spec.total_macs
+    again = NetworkSpec.from_json(spec.to_json())
+    assert again == spec
+    assert json.loads(spec.to_json())["format"] == 1
+
+
+def test_training_mode_is_restored() -> None:
+    model = torchvision.models.resnet18().train()
+    analyze(model, torch.randn(1, 3, 64, 64))
+    assert model.training
+
+
+def test_untraceable_model_names_the_op() -> None:
+    model = torchvision.models.shufflenet_v2_x0_5()
+    with pytest.raises(StructureError, match=r"could not trace .* at op _Reshape"):
+        analyze(model, torch.randn(1, 3, 64, 64))
+
+
+def test_wrong_input_shape_names_the_layer() -> None:
+    with pytest.raises(StructureError, match=r"does not run on an input of shape 1x1x64x64 "
+                                             r"\(while running layer 'conv1'\)"):
+        analyze(torchvision.models.resnet18(), torch.randn(1, 1, 64, 64))
+
+
+def test_model_loading_errors() -> None:
+    with pytest.raises(ModelLoadError, match="Close matches: resnet18"):
+        load_model("resnt18")
+    with pytest.raises(ModelLoadError, match="no attribute"):
+        load_model("torchvision.models:no_such_net")
+    assert isinstance(load_model("torchvision.models:resnet18"), nn.Module)
+    assert load_model("resnet18", num_classes=10).fc.out_features == 10
+
+
+def test_saved_module_and_state_dict(tmp_path) -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    torch.save(model, tmp_path / "whole.pt")
+    assert isinstance(load_model(str(tmp_path / "whole.pt")), nn.Module)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ModelLoadError, match="state_dict, not a model"):
+        load_model(str(tmp_path / "weights.pt"))
+
+
+@pytest.mark.parametrize("text", ["1x3x224", "1x3x224x224"])
+def test_parse_shape_accepts(text: str) -> None:
+    assert parse_shape(text) == tuple(int(t) for t in text.split("x"))
+
+
+@pytest.mark.parametrize("text", ["", "224", "1x3x224x", "1x3xAx224", "1x0x224x224", "-1x3"])
+def test_parse_shape_rejects(text: str) -> None:
+    with pytest.raises(ShapeError):
+        parse_shape(text)
