@@ -1,0 +1,145 @@
+"""TensorRT backend: engines built from ONNX with polygraphy, timed with CUDA events (pycuda).
+
+Written against the TensorRT 10 Python API (name-based I/O: ``num_io_tensors``,
+``get_tensor_name/shape/dtype/mode``, ``IExecutionContext.set_tensor_address``,
+``execute_async_v3``), polygraphy 0.49+ loaders (``NetworkFromOnnxBytes``, ``CreateConfig``,
+``EngineBytesFromNetwork``, ``engine_from_bytes``) and pycuda 2022.2+ (``autoprimaryctx``,
+``Event.record(stream)``, ``Event.time_till``). ``tensorrt`` and ``pycuda`` are imported inside
+functions only: nothing else in the package imports them, and the package works without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+
+from ..errors import BackendUnavailable, HalpError
+from . import PRECISIONS, OnnxBackend, onnx_bytes
+from .timing import BatchTimer, Measurement, TimingSettings, measure, slug
+
+INSTALL_HINT = (
+    "the tensorrt backend needs TensorRT 10 and pycuda on a machine with an NVIDIA GPU: "
+    "pip install '.[tensorrt]' (the `tensorrt` extra; on Jetson use JetPack's TensorRT and "
+    "pip install pycuda)"
+)
+
+
+def _require(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or pycuda's driver error when there is no GPU
+        raise BackendUnavailable(f"{INSTALL_HINT}; importing {name} failed: {exc}") from exc
+
+
+def _cuda() -> ModuleType:
+    """pycuda's driver module with the device's primary context current (shared with TensorRT,
+    which uses the CUDA runtime and so the primary context)."""
+    _require("pycuda.autoprimaryctx")
+    return _require("pycuda.driver")
+
+
+def build_engine(onnx_model: onnx.ModelProto | bytes | str | Path,
+                 precision: str = "fp32") -> bytes:
+    """A serialized TensorRT plan for the ONNX model (fp16 lets TensorRT pick half kernels)."""
+    if precision not in PRECISIONS:
+        raise HalpError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    trt = _require("tensorrt")
+    loaders = _require("polygraphy.backend.trt")
+    exception = _require("polygraphy.exception")
+    _cuda()
+    # lazy loaders: the builder and network live only inside the build call
+    build = loaders.EngineBytesFromNetwork(
+        loaders.NetworkFromOnnxBytes(onnx_bytes(onnx_model)),
+        config=loaders.CreateConfig(fp16=precision == "fp16"),
+    )
+    try:
+        plan = build()
+    except exception.PolygraphyException as exc:
+        raise HalpError(f"TensorRT {trt.__version__} could not build an engine: {exc}") from exc
+    return bytes(plan)
+
+
+class _Bindings:
+    """Device buffers for every I/O tensor of an engine, bound to one execution context."""
+
+    def __init__(self, engine: object, inputs: dict[str, np.ndarray]):
+        trt, cuda = _require("tensorrt"), _cuda()
+        self.engine = engine  # the context must not outlive its engine
+        self.context = engine.create_execution_context()
+        self.buffers = []  # keep the allocations alive as long as the context uses them
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        wanted = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if sorted(wanted) != sorted(inputs):
+            raise HalpError(f"the engine takes inputs {wanted}, got {sorted(inputs)}")
+        for name in names:
+            shape = tuple(engine.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise HalpError(f"tensor {name!r} has dynamic shape {shape}; export with static "
+                                "shapes (pipeline.export.to_onnx does)")
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            buffer = cuda.mem_alloc(max(1, int(np.prod(shape)) * dtype.itemsize))
+            if name in inputs:
+                cuda.memcpy_htod(buffer, np.ascontiguousarray(inputs[name], dtype=dtype))
+            self.context.set_tensor_address(name, int(buffer))
+            self.buffers.append(buffer)
+        self.stream = cuda.Stream()
+
+    def timer(self) -> BatchTimer:
+        cuda = _cuda()
+
+        def time_batch(k: int) -> float:
+            start, end = cuda.Event(), cuda.Event()
+            start.record(self.stream)
+            for _ in range(k):
+                if not self.context.execute_async_v3(self.stream.handle):
+                    raise HalpError("TensorRT execute_async_v3 failed; see the TensorRT log")
+            end.record(self.stream)
+            end.synchronize()
+            return start.time_till(end)
+
+        return time_batch
+
+
+class TensorRTBackend(OnnxBackend):
+    """Builds an engine per ONNX model at the backend's precision and times it on device 0."""
+
+    name = "tensorrt"
+
+    def __init__(self, precision: str = "fp32", *, settings: TimingSettings | None = None):
+        self.trt = _require("tensorrt")
+        _require("polygraphy.backend.trt")
+        self.cuda = _cuda()
+        self.precision = precision
+        self.settings = settings or TimingSettings()
+
+    def time_plan(self, plan: bytes, inputs: dict[str, np.ndarray]) -> Measurement:
+        """Time a serialized engine (e.g. one written by :func:`build_engine`)."""
+        loaders = _require("polygraphy.backend.trt")
+        engine = loaders.engine_from_bytes(plan)
+        return measure(_Bindings(engine, inputs).timer(), self.settings)
+
+    def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
+                  inputs: dict[str, np.ndarray]) -> Measurement:
+        return self.time_plan(build_engine(model, self.precision), inputs)
+
+    def describe(self) -> dict:
+        device = self.cuda.Device(0)
+        major, minor = device.compute_capability()
+        polygraphy = _require("polygraphy")
+        pycuda = _require("pycuda")
+        driver = self.cuda.get_driver_version()
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "device": device.name(),
+            "device_key": f"cuda-{slug(device.name())}-sm{major}{minor}",
+            "versions": {"tensorrt": self.trt.__version__, "polygraphy": polygraphy.__version__,
+                         "pycuda": pycuda.VERSION_TEXT, "cuda_driver": str(driver),
+                         "numpy": np.__version__},
+            "threads": None,
+            "settings": self.settings.to_dict(),
+        }

@@ -1,0 +1,136 @@
+"""Eager PyTorch backend: CPU, or CUDA with cuDNN autotuning as in the HALP paper's own LUTs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailable, HalpError
+from ..onnx_layers import layer_input, torch_layer
+from ..structure import LayerSpec
+from .timing import (
+    BatchTimer,
+    Measurement,
+    TimingSettings,
+    cpu_name,
+    default_threads,
+    host_timer,
+    measure,
+    slug,
+)
+
+
+def cuda_timer(run: Callable[[], object]) -> BatchTimer:
+    """A :data:`BatchTimer` on CUDA events around back-to-back launches (not the host clock)."""
+
+    def time_batch(k: int) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(k):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    return time_batch
+
+
+class TorchBackend:
+    """Times nn.Modules eagerly under ``torch.inference_mode``.
+
+    On CPU ``threads`` pins ``torch.set_num_threads`` while timing (restored afterwards); on
+    CUDA (``device="cuda"`` or ``"cuda:N"``) cuDNN benchmark mode is on while timing, so the
+    warm-up picks each shape's fastest kernel, and fp16 runs the module in ``.half()``.
+    """
+
+    name = "torch"
+
+    def __init__(self, precision: str = "fp32", *, settings: TimingSettings | None = None,
+                 threads: int | None = None, device: str = "cpu"):
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise HalpError(f"torch device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"torch device {device!r} needs a CUDA GPU and a CUDA build of torch "
+                f"(this torch {torch.__version__} sees none); use device='cpu'"
+            )
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if precision == "fp16" and self.device.type == "cpu":
+            raise HalpError("the torch backend runs fp16 on CUDA only; use device='cuda' or fp32")
+        if threads is not None and threads < 1:
+            raise HalpError(f"threads must be >= 1, got {threads}")
+        self.precision = precision
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.settings = settings or TimingSettings()
+        self.threads = threads or default_threads()
+
+    @contextmanager
+    def _pinned(self) -> Iterator[None]:
+        """Process-wide torch settings for the duration of one measurement."""
+        if self.device.type == "cuda":
+            previous = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                with torch.cuda.device(self.device):
+                    yield
+            finally:
+                torch.backends.cudnn.benchmark = previous
+        else:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(previous)
+
+    def _time(self, module: nn.Module, x: torch.Tensor) -> Measurement:
+        module = module.eval().to(self.device, self.dtype)
+        x = x.to(self.device, self.dtype)
+        with self._pinned(), torch.inference_mode():
+            timer = cuda_timer if self.device.type == "cuda" else host_timer
+            return measure(timer(lambda: module(x)), self.settings)
+
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int) -> Measurement:
+        return self._time(torch_layer(layer, cin, cout), torch.from_numpy(layer_input(layer, cin)))
+
+    def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
+        # a copy: moving/casting must not change the caller's model (device, dtype, mode)
+        return self._time(copy.deepcopy(model), example_input)
+
+    def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
+                  inputs: dict[str, np.ndarray]) -> Measurement:
+        raise HalpError(
+            "the torch backend runs nn.Modules eagerly and cannot time an ONNX model; use "
+            "time_module / time_layer, or the onnxruntime or tensorrt backend for ONNX files"
+        )
+
+    def describe(self) -> dict:
+        versions = {"torch": torch.__version__, "numpy": np.__version__}
+        if self.device.type == "cuda":
+            device = torch.cuda.get_device_name(self.device)
+            major, minor = torch.cuda.get_device_capability(self.device)
+            key = f"cuda-{slug(device)}-sm{major}{minor}"
+            versions |= {"cuda": torch.version.cuda,
+                         "cudnn": str(torch.backends.cudnn.version())}
+        else:
+            device = cpu_name()
+            key = f"cpu-{slug(device)}-t{self.threads}"
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "device": device,
+            "device_key": key,
+            "versions": versions,
+            "threads": self.threads if self.device.type == "cpu" else None,
+            "settings": self.settings.to_dict(),
+        }

@@ -1,0 +1,195 @@
+"""Backends: the shared timing protocol, real ONNX Runtime / torch timings, TensorRT's absence."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pipeline
+from pipeline.backends import Backend, Measurement, TimingSettings, get_backend
+from pipeline.backends.timing import measure, slug
+from pipeline.errors import BackendUnavailable, HalpError
+from pipeline.onnx_layers import layer_input, layer_model
+from pipeline.structure import LayerSpec, analyze
+
+FAST = {"warmup": 1, "repeats": 5, "warmup_ms": 0.0}
+
+
+@pytest.fixture(scope="module")
+def conv() -> LayerSpec:
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1))
+    return analyze(model, torch.randn(1, 8, 12, 12)).layers[0]
+
+
+def assert_sane(m: Measurement, n: int) -> None:
+    assert m.n == n and m.inner >= 1
+    assert 0 < m.p10_ms <= m.median_ms <= m.p90_ms
+
+
+# --- the protocol ------------------------------------------------------------------------------
+
+def test_measurement_statistics_and_round_trip() -> None:
+    m = Measurement.from_samples([5.0, 1.0, 2.0, 3.0, 4.0, 100.0], inner=3)
+    assert m.median_ms == 3.5 and m.n == 6 and m.inner == 3
+    assert 1.0 < m.p10_ms < 2.0 and 5.0 < m.p90_ms < 100.0  # the outlier barely moves p90
+    assert Measurement.from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError):
+        Measurement.from_samples([])
+
+
+def test_fast_ops_are_timed_in_batches_sized_to_the_minimum_sample() -> None:
+    calls: list[int] = []
+
+    def fake_clock(k: int) -> float:  # a deterministic op of 0.01 ms per run
+        calls.append(k)
+        return 0.01 * k
+
+    m = measure(fake_clock, TimingSettings(warmup=3, repeats=7, min_sample_ms=0.2, warmup_ms=0))
+    assert calls[:3] == [1, 1, 1] and calls[3:] == [20] * 7
+    assert m.inner == 20 and m.n == 7 and m.median_ms == pytest.approx(0.01)
+    slow = measure(lambda k: 2.0 * k, TimingSettings(warmup=2, repeats=3, warmup_ms=0))
+    assert slow.inner == 1 and slow.median_ms == 2.0
+
+
+def test_invalid_settings_backend_precision_and_options_are_clear_errors() -> None:
+    with pytest.raises(HalpError, match="repeats >= 1"):
+        TimingSettings(repeats=0)
+    with pytest.raises(HalpError, match="onnxruntime, torch, tensorrt"):
+        get_backend("openvino")
+    with pytest.raises(HalpError, match="fp32, fp16"):
+        get_backend("onnxruntime", "int8")
+    with pytest.raises(HalpError, match=r"no option thread.*valid options: threads, device"):
+        get_backend("onnxruntime", thread=2)
+
+
+def test_device_slug_is_short_and_stable() -> None:
+    assert slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-xeon-cpu-2-20ghz"
+    assert slug("NVIDIA Orin (nvgpu)") == "nvidia-orin-nvgpu"
+
+
+# --- ONNX Runtime ------------------------------------------------------------------------------
+
+def test_onnxruntime_times_a_layer_and_describes_itself(conv: LayerSpec) -> None:
+    backend = get_backend("onnxruntime", threads=1, **FAST)
+    assert isinstance(backend, Backend)
+    assert_sane(backend.time_layer(conv, 8, 16), 5)
+    info = backend.describe()
+    assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
+    assert info["threads"] == 1 and info["device_key"].endswith("-t1")
+    assert info["settings"] == {"warmup": 1, "repeats": 5, "min_sample_ms": 0.2, "warmup_ms": 0.0}
+    assert {"onnxruntime", "onnx", "numpy"} <= set(info["versions"])
+    assert info == get_backend("onnxruntime", threads=1, **FAST).describe()
+
+
+def test_onnxruntime_times_files_and_modules(conv: LayerSpec, tmp_path) -> None:
+    backend = get_backend("onnxruntime", threads=1, **FAST)
+    path = tmp_path / "layer.onnx"
+    path.write_bytes(layer_model(conv, 8, 4).SerializeToString())
+    assert_sane(backend.time_onnx(str(path), {"x": layer_input(conv, 8)}), 5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    net.train()
+    assert_sane(backend.time_module(net, torch.randn(1, 3, 8, 8)), 5)
+    assert net.training  # the caller's model is untouched
+
+
+def test_onnxruntime_refuses_what_it_cannot_time(conv: LayerSpec, tmp_path) -> None:
+    backend = get_backend("onnxruntime", threads=1, **FAST)
+    with pytest.raises(HalpError, match="takes inputs"):
+        backend.time_onnx(layer_model(conv, 8, 16), {"input": layer_input(conv, 8)})
+    with pytest.raises(HalpError, match="does not exist"):
+        backend.time_onnx(tmp_path / "missing.onnx", {})
+    with pytest.raises(HalpError, match="fp32 models only"):
+        get_backend("onnxruntime", "fp16")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider"):
+            get_backend("onnxruntime", device="cuda")
+
+
+# --- torch -------------------------------------------------------------------------------------
+
+def test_torch_cpu_times_layers_and_modules_and_restores_threads(conv: LayerSpec) -> None:
+    before = torch.get_num_threads()
+    backend = get_backend("torch", threads=1, **FAST)
+    assert_sane(backend.time_layer(conv, 8, 16), 5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).train()
+    assert_sane(backend.time_module(net, torch.randn(1, 3, 16, 16)), 5)
+    assert net.training and torch.get_num_threads() == before
+    info = backend.describe()
+    assert info["backend"] == "torch" and info["threads"] == 1 and "torch" in info["versions"]
+
+
+def test_torch_refuses_onnx_and_cpu_fp16(conv: LayerSpec) -> None:
+    backend = get_backend("torch", threads=1, **FAST)
+    with pytest.raises(HalpError, match="time_module / time_layer"):
+        backend.time_onnx(layer_model(conv, 8, 16), {"x": layer_input(conv, 8)})
+    with pytest.raises(HalpError, match="fp16 on CUDA only"):
+        get_backend("torch", "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA GPU"):
+            get_backend("torch", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_torch_cuda_event_timing(conv: LayerSpec, precision: str) -> None:
+    backend = get_backend("torch", precision, device="cuda", **FAST)
+    assert_sane(backend.time_layer(conv, 8, 16), 5)
+    info = backend.describe()
+    assert info["device_key"].startswith("cuda-") and "cudnn" in info["versions"]
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    assert_sane(backend.time_module(net, torch.randn(2, 3, 32, 32)), 5)
+    assert next(net.parameters()).device.type == "cpu"  # the caller's copy stays put
+
+
+# --- TensorRT ----------------------------------------------------------------------------------
+
+def test_tensorrt_absent_is_a_clear_backend_unavailable(monkeypatch) -> None:
+    import pipeline.backends.tensorrt as trt_backend  # importable without tensorrt/pycuda
+
+    for name in ("tensorrt", "pycuda", "pycuda.driver", "pycuda.autoprimaryctx"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail, as if absent
+    with pytest.raises(BackendUnavailable) as err:
+        get_backend("tensorrt", "fp16")
+    assert "pip install '.[tensorrt]'" in str(err.value) and "NVIDIA GPU" in str(err.value)
+    with pytest.raises(BackendUnavailable, match="TensorRT 10"):
+        trt_backend.build_engine(b"", "fp32")
+
+
+def test_only_the_tensorrt_backend_mentions_tensorrt_or_pycuda() -> None:
+    """The package must import on machines without them (CI, CPU-only hosts)."""
+    root = Path(pipeline.__file__).parent
+    allowed = root / "backends" / "tensorrt.py"
+    pattern = re.compile(
+        r"^\s*(import|from)\s+(tensorrt|pycuda)\b|import_module\(\s*[\"'](tensorrt|pycuda)", re.M
+    )
+    assert pattern.search("x = 1\n    import pycuda.driver as cuda\n")
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p != allowed and pattern.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1",
+                    reason="set HALP_TENSORRT=1 on a machine with TensorRT 10, pycuda and a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str) -> None:
+    from pipeline.backends.tensorrt import build_engine
+
+    backend = get_backend("tensorrt", precision, **FAST)
+    assert_sane(backend.time_layer(conv, 8, 16), 5)
+    plan = build_engine(layer_model(conv, 8, 4), precision)
+    assert_sane(backend.time_plan(plan, {"x": layer_input(conv, 8)}), 5)
+    info = backend.describe()
+    assert info["device_key"].startswith("cuda-") and "tensorrt" in info["versions"]
+    assert np.isfinite(backend.time_module(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 16, 16))
+                       .median_ms)
