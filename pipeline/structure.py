@@ -272,7 +272,8 @@ def _activation_after(node: Any) -> tuple[bool, str | None]:
         cur = cur.outputs[0]
     if len(cur.outputs) == 1:
         nxt = cur.outputs[0]
-        if nxt.type == tp.ops.OPTYPE.ELEMENTWISE and nxt.grad_fn is not None:
+        # the activation is an OUTPUT node when it is the network's last op
+        if nxt.type in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.OUTPUT) and nxt.grad_fn:
             act = _ACTIVATIONS.get(nxt.grad_fn.name())
     return has_bn, act
 

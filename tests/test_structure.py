@@ -207,3 +207,12 @@ def test_parse_shape_accepts(text: str) -> None:
 def test_parse_shape_rejects(text: str) -> None:
     with pytest.raises(ShapeError):
         parse_shape(text)
+
+
+@pytest.mark.parametrize(("act", "name"), [(nn.ReLU(), "relu"), (nn.ReLU6(), "relu6"),
+                                           (nn.SiLU(), "silu"), (nn.Hardswish(), "hardswish"),
+                                           (nn.Identity(), None)])
+def test_fused_activation_detected_even_as_last_op(act: nn.Module, name: str | None) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act)
+    layer = analyze(model, torch.randn(1, 3, 8, 8)).layers[0]
+    assert (layer.act, layer.bias) == (name, True)
