@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..models import load_checkpoint, load_model, parse_shape
+
+if TYPE_CHECKING:
+    from ..backends import Backend
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, input_default: str | None = None) -> None:
@@ -19,6 +23,26 @@ def add_model_args(parser: argparse.ArgumentParser, *, input_default: str | None
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier width for torchvision models (default: theirs)")
     parser.add_argument("--checkpoint", default=None, help="weights (state_dict) to load")
+
+
+def add_backend_args(parser: argparse.ArgumentParser, *,
+                     choices: Sequence[str] = ("onnxruntime", "torch", "tensorrt"),
+                     default: str | None = None) -> None:
+    parser.add_argument("--backend", choices=list(choices), default=default,
+                        required=default is None, help="runtime to time and deploy with")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for onnxruntime/torch (default: physical cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="device for onnxruntime/torch (default: cpu)")
+
+
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    from ..backends import get_backend  # runtimes load only for commands that time something
+
+    options = {k: v for k, v in (("threads", args.threads), ("device", args.device))
+               if v is not None}
+    return get_backend(args.backend, args.precision, **options)
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor]:
