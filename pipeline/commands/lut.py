@@ -1,0 +1,185 @@
+"""``halp lut``: build, inspect, plot and merge latency lookup tables."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import numpy as np
+
+from ..errors import HalpError
+from ..fsio import atomic_write_bytes
+from ..lut import LatencyTable, LutEntry, build_lut, journal_path
+from ..structure import analyze
+from .common import add_model_args, format_table, model_from_args
+
+BACKENDS = ["onnxruntime", "torch", "tensorrt"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lut", help="build, show, plot or merge latency lookup tables",
+                       description=__doc__)
+    actions = p.add_subparsers(dest="lut_command", required=True, metavar="ACTION")
+
+    b = actions.add_parser("build", help="measure a model's layers on a backend (resumable)",
+                           description=build_lut.__doc__)
+    add_model_args(b)
+    b.add_argument("--backend", required=True, choices=BACKENDS)
+    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    b.add_argument("--step", type=_positive, default=8,
+                   help="channel grid step for prunable sides (default 8)")
+    b.add_argument("--max-points", type=_positive, default=None,
+                   help="at most this many grid points per channel axis (coarser, faster)")
+    b.add_argument("--threads", type=_positive, default=None, help="CPU threads (CPU backends)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device for onnxruntime/torch (default: the backend's)")
+    b.add_argument("--out", required=True, help="table to write (JSON); journal beside it")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=run_build)
+
+    s = actions.add_parser("show", help="summarise a table")
+    s.add_argument("file")
+    s.set_defaults(func=run_show)
+
+    pl = actions.add_parser("plot", help="latency vs output channels (the staircase) as PNG")
+    pl.add_argument("file")
+    pl.add_argument("--layer", default=None,
+                    help="signature or layer name (default: the entry with the most points)")
+    pl.add_argument("-o", "--out", required=True, help="PNG to write")
+    pl.set_defaults(func=run_plot)
+
+    m = actions.add_parser("merge", help="merge shards measured on devices of the same kind")
+    m.add_argument("a")
+    m.add_argument("b")
+    m.add_argument("-o", "--out", required=True)
+    m.set_defaults(func=run_merge)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from ..backends import get_backend  # only `build` needs a runtime
+
+    if args.max_points is not None and args.max_points < 2:
+        raise HalpError("--max-points must be at least 2 (the smallest and the full count)")
+    options = {k: v for k, v in (("threads", args.threads), ("device", args.device))
+               if v is not None}
+    backend = get_backend(args.backend, args.precision, **options)
+    model, x = model_from_args(args)
+    spec = analyze(model, x, name=args.model)
+    try:
+        table = build_lut(spec, backend, step=args.step, max_points=args.max_points,
+                          out=args.out, model=model, example_input=x,
+                          progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"progress is kept in {journal_path(args.out)}: rerun the same command to resume",
+              file=sys.stderr)
+        raise
+    print(render(table))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    print(render(LatencyTable.load(args.file)))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    merged = LatencyTable.load(args.a).merge(LatencyTable.load(args.b))
+    merged.save(args.out)
+    print(render(merged))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def render(table: LatencyTable) -> str:
+    """Metadata, one row per signature (points, channel ranges, latency range), totals."""
+    meta = table.meta
+    shape = "x".join(map(str, meta.get("input_shape") or [])) or "?"
+    header = [
+        f"backend {meta['backend']} {meta['precision']} on {meta.get('device')} "
+        f"(device_key {meta['device_key']}, threads {meta.get('threads')}, "
+        f"batch {meta.get('batch')})",
+        f"versions {meta.get('versions')}",
+        f"settings {meta.get('settings')}",
+        f"built for {meta.get('model')} @ {shape}, step {meta.get('step')}, max points "
+        f"{meta.get('max_points')}, created {meta.get('created')}, build {meta.get('build_s')} s",
+    ]
+    if meta.get("merged_from"):
+        header.append(f"merged from {len(meta['merged_from'])} shards")
+    rows = []
+    for sig, entry in table.entries.items():
+        keys = np.array(list(entry.points))
+        ms = [m.median_ms for m in entry.points.values()]
+        rows.append([sig, len(entry.layers), len(entry.points),
+                     _span(keys[:, 0]), _span(keys[:, 1]), min(ms), max(ms)])
+    body = format_table(["signature", "layers", "points", "cin", "cout", "min ms", "max ms"],
+                        rows)
+    npoints = sum(len(e.points) for e in table.entries.values())
+    dense = f"{table.dense_ms:.3f} ms" if table.dense_ms is not None else "not measured"
+    const = f"{table.constant_ms:.3f} ms" if table.constant_ms is not None else "none"
+    totals = (f"{len(table.entries)} signatures, {npoints} points; dense network {dense}, "
+              f"calibration constant {const}")
+    return "\n".join([*header, "", body, "", totals])
+
+
+def _span(values: np.ndarray) -> str:
+    lo, hi = int(values.min()), int(values.max())
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def _pick(table: LatencyTable, layer: str | None) -> tuple[str, LutEntry]:
+    if layer is None:
+        return max(table.entries.items(), key=lambda kv: len(kv[1].points))
+    if layer in table.entries:
+        return layer, table.entries[layer]
+    for sig, entry in table.entries.items():
+        if layer in entry.layers:
+            return sig, entry
+    names = [n for e in table.entries.values() for n in e.layers]
+    raise HalpError(f"{layer!r} is neither a signature nor a layer name in {table.path}; "
+                    f"layers include {', '.join(names[:8])} (see `halp lut show`)")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = LatencyTable.load(args.file)
+    sig, entry = _pick(table, args.layer)
+    rows: dict[int, list[tuple[int, float, float, float]]] = {}
+    for (cin, cout), m in sorted(entry.points.items()):
+        rows.setdefault(0 if entry.diagonal else cin, []).append(
+            (cout, m.median_ms, m.p10_ms, m.p90_ms))
+    cins = sorted(rows)
+    shown = [cins[i] for i in np.unique(np.linspace(0, len(cins) - 1, min(4, len(cins)))
+                                        .round().astype(int))]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for cin in shown:
+        cout, med, p10, p90 = np.array(rows[cin]).T
+        label = "depthwise (cin = cout)" if entry.diagonal else f"cin = {cin}"
+        ax.plot(cout, med, marker=".", label=label)
+        ax.fill_between(cout, p10, p90, alpha=0.2)
+    ax.set_xlabel("output channels")
+    ax.set_ylabel("latency, median ms (band: p10..p90)")
+    meta = table.meta
+    ax.set_title(f"{sig}\n{', '.join(entry.layers[:3])}{' …' if len(entry.layers) > 3 else ''}"
+                 f" — {meta['backend']} {meta['precision']} on {meta.get('device')}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"wrote {args.out} ({sig}: {len(entry.points)} points)")
+    return 0
