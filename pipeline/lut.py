@@ -331,6 +331,21 @@ class LatencyTable:
             },
         }
 
+    def check_backend(self, described: Mapping[str, Any]) -> None:
+        """Refuse a table measured with another backend, precision or device than
+        ``described`` (a Backend.describe() dict; None values are not checked)."""
+        wanted = {k: described.get(k) for k in ("backend", "precision", "device_key")}
+        wrong = {k: v for k, v in wanted.items() if v is not None and self.meta[k] != v}
+        if wrong:
+            have = ", ".join(f"{k}={self.meta[k]!r}" for k in wrong)
+            want = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+            raise LutMismatch(
+                f"{self._where()} was measured with {have} (device: {self.meta.get('device')}), "
+                f"but {want} was requested: latencies do not transfer between backends, "
+                "precisions or devices. Build a table on this target with `halp lut build`, or "
+                "explicitly allow the mismatch"
+            )
+
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash never leaves a half-written table."""
         atomic_write_json(path, self.to_dict())
@@ -342,24 +357,15 @@ class LatencyTable:
              allow_mismatch: bool = False) -> LatencyTable:
         """Read and validate a table; refuse one measured for another backend, precision or
         device than requested (``backend`` may be a Backend: all three are then checked)."""
-        path = Path(path)
-        table = _parse(path)
+        table = _parse(Path(path))
         if backend is not None and not isinstance(backend, str):
             described = backend.describe()
             backend = described["backend"]
             precision = precision or described["precision"]
             device_key = device_key or described["device_key"]
-        wanted = {"backend": backend, "precision": precision, "device_key": device_key}
-        wrong = {k: v for k, v in wanted.items() if v is not None and table.meta[k] != v}
-        if wrong and not allow_mismatch:
-            have = ", ".join(f"{k}={table.meta[k]!r}" for k in wrong)
-            want = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
-            raise LutMismatch(
-                f"{path} was measured with {have} (device: {table.meta.get('device')}), but "
-                f"{want} was requested: latencies do not transfer between backends, precisions "
-                "or devices. Build a table on this target with `halp lut build`, or explicitly "
-                "allow the mismatch"
-            )
+        if not allow_mismatch:
+            table.check_backend({"backend": backend, "precision": precision,
+                                 "device_key": device_key})
         return table
 
 
