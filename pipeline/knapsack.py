@@ -1,0 +1,381 @@
+"""The latency–saliency knapsack, solved exactly as a multiple-choice knapsack.
+
+Channels inside a group are kept best-first, so a pruning decision is one number per group: how
+many units ``k`` it keeps. Maximising total saliency under a latency budget is then a
+multiple-choice knapsack (one choice per group), which a dynamic programme over groups solves
+exactly, instead of the paper's item-by-item table with its "previous unit must be kept" rule.
+
+Speed comes from doing less work, never from approximating: costs are shifted by each group's
+cheapest allowed choice, dominated choices are dropped, choices and DP states that provably
+cannot reach the optimum are removed with an LP (Lagrangian) upper bound against a greedy lower
+bound, and every remaining step is a NumPy operation over all choices or a whole range of
+capacities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .errors import HalpError, InfeasibleBudget
+
+#: default discretisation: the capacity gets this many cells per group, so the budget lost to
+#: rounding (at most one cell per group) is at most 1/DEFAULT_CELLS_PER_GROUP of the usable budget
+DEFAULT_CELLS_PER_GROUP = 1000
+#: refuse a resolution so fine that the DP would need more capacity cells than this
+MAX_CELLS = 20_000_000
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+@dataclass(frozen=True)
+class Solution:
+    """One choice per group: ``keep[g]`` units; ``value`` and ``cost`` are the true sums."""
+
+    keep: np.ndarray
+    value: float
+    cost: float
+
+
+def solve(
+    values: Sequence[ArrayLike],
+    costs: Sequence[ArrayLike],
+    budget: float,
+    *,
+    min_keep: int | ArrayLike | None = None,
+    resolution: float | None = None,
+) -> Solution:
+    """Pick ``k_g`` per group maximising Σ values[g][k_g] subject to Σ costs[g][k_g] <= budget.
+
+    ``values[g][k]`` is the saliency group g keeps with its best k units (``values[g][0] == 0``,
+    non-decreasing); ``costs[g][k]`` its latency, any real numbers (latency staircases make
+    marginal costs zero or negative). ``min_keep`` (int or one per group, default 1) is the
+    fewest units a group may keep.
+
+    Costs are discretised in steps of ``resolution`` after subtracting each group's cheapest
+    allowed cost, and rounded *up*, so the returned cost never exceeds ``budget``. Rounding adds
+    less than one step per group, hence the guarantee: the returned value is at least the exact
+    optimum at budget ``budget - G * resolution`` (G groups), and never above the optimum at
+    ``budget``. When the shifted costs are multiples of the resolution the answer is the exact
+    optimum. By default ``resolution = (budget - minimum) / (1000 G)``, where ``minimum`` is
+    the cheapest allowed architecture: the budget given up is at most 0.1% of the usable budget,
+    well below the error of any latency model, for a DP of 1000 cells per group (1.0 when the
+    budget equals the minimum: nothing above it fits whatever the step). Ties between
+    equally valuable choices go to the smaller discretised cost. When the best choice of every
+    group fits together, it is returned without discretising.
+
+    Raises InfeasibleBudget (with ``.minimum``) when even the cheapest choice exceeds the
+    budget, and HalpError for malformed input.
+    """
+    table = _table(values, costs)
+    if math.isnan(budget):
+        raise HalpError("the latency budget is NaN; pass a number of milliseconds")
+    if resolution is not None and not (math.isfinite(resolution) and resolution > 0):
+        raise HalpError(f"resolution must be a positive number of cost units, got {resolution}")
+    allowed = table.take(table.k >= _min_keep(min_keep, table)[table.gid])
+    floors = np.minimum.reduceat(allowed.c, allowed.starts)
+    minimum = math.fsum(floors.tolist())
+    if budget < minimum:
+        raise InfeasibleBudget(
+            f"latency budget {budget:.6g} is below the cheapest allowed architecture "
+            f"({minimum:.6g}, every group at its cheapest size with at least min_keep units); "
+            "raise the budget or lower min_keep",
+            minimum,
+        )
+    best = _unconstrained(allowed)
+    if table.cost(best) <= budget:
+        return table.solution(best)
+    span = budget - minimum
+    step = _resolution(resolution, span, len(floors))
+    capacity = math.floor(span / step)
+    if capacity > MAX_CELLS:
+        raise HalpError(
+            f"resolution {step:.3g} needs {capacity} capacity cells (limit {MAX_CELLS}); "
+            f"use resolution >= {span / MAX_CELLS:.3g} or the default"
+        )
+    while True:
+        keep = _solve_cells(_discretise(allowed, floors, step, capacity), capacity)
+        # Float rounding of shifted costs can, in rare exact-tie cases, push the true sum a hair
+        # over the budget; one cell less restores the guarantee (capacity 0 is always feasible).
+        if table.cost(keep) <= budget:
+            return table.solution(keep)
+        capacity -= 1
+
+
+def solve_units(
+    unit_saliency: Sequence[ArrayLike],
+    unit_latency_delta: Sequence[ArrayLike],
+    budget: float,
+    *,
+    base_cost: float = 0.0,
+    min_keep: int | ArrayLike | None = None,
+    resolution: float | None = None,
+) -> Solution:
+    """The paper's view: per group, unit saliencies best first and the latency each unit adds.
+
+    Keeping k units of group g is worth the sum of its first k saliencies and costs the sum of
+    its first k latency deltas; ``base_cost`` is the latency of everything no group owns and is
+    included in the budget check and in ``Solution.cost``.
+    """
+    if len(unit_saliency) != len(unit_latency_delta):
+        raise HalpError(
+            f"{len(unit_saliency)} groups of saliencies but {len(unit_latency_delta)} groups of "
+            "latency deltas; pass one array of each per group"
+        )
+    if not math.isfinite(base_cost):
+        raise HalpError(f"base_cost must be a finite latency, got {base_cost}")
+    values, costs = [], []
+    for g, (s, d) in enumerate(zip(unit_saliency, unit_latency_delta, strict=True)):
+        s, d = _vector(s, f"unit_saliency[{g}]"), _vector(d, f"unit_latency_delta[{g}]")
+        if len(s) != len(d):
+            raise HalpError(f"group {g}: {len(s)} unit saliencies but {len(d)} latency deltas; "
+                            "pass one of each per unit")
+        if (s < 0).any():
+            raise HalpError(f"group {g}: unit saliencies must be >= 0 (got {s.min():.6g})")
+        values.append(np.concatenate(([0.0], np.cumsum(s))))
+        costs.append(np.concatenate(([0.0], np.cumsum(d))) + (base_cost if g == 0 else 0.0))
+    return solve(values, costs, budget, min_keep=min_keep, resolution=resolution)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """The choices of all groups in flat arrays: groups contiguous, in order, none empty."""
+
+    gid: np.ndarray  # group of the choice
+    k: np.ndarray  # units kept
+    v: np.ndarray  # value
+    c: np.ndarray  # cost; integer cells once discretised
+    starts: np.ndarray  # first row of each group
+
+    @classmethod
+    def of(cls, gid: np.ndarray, k: np.ndarray, v: np.ndarray, c: np.ndarray) -> _Table:
+        return cls(gid, k, v, c, np.flatnonzero(np.diff(gid, prepend=-1)))
+
+    def take(self, rows: np.ndarray) -> _Table:
+        """The rows selected by a mask or index array (which must leave every group a row)."""
+        return _Table.of(self.gid[rows], self.k[rows], self.v[rows], self.c[rows])
+
+    def cost(self, keep: np.ndarray) -> float:
+        """True cost of one k per group; only for the full table, where row = start + k."""
+        return math.fsum(self.c[self.starts + keep].tolist())
+
+    def solution(self, keep: np.ndarray) -> Solution:
+        value = math.fsum(self.v[self.starts + keep].tolist())
+        return Solution(keep=keep.astype(np.int64), value=value, cost=self.cost(keep))
+
+
+def _vector(x: ArrayLike, name: str) -> np.ndarray:
+    """A finite 1-D float array, or a HalpError naming ``name``."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise HalpError(f"{name} must be a 1-D array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise HalpError(f"{name} contains NaN or infinity; pass finite numbers")
+    return a
+
+
+def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
+    """Validate the instance and flatten it."""
+    if len(values) == 0:
+        raise HalpError("no groups given: pass at least one values/costs array")
+    if len(values) != len(costs):
+        raise HalpError(f"{len(values)} value arrays but {len(costs)} cost arrays; "
+                        "pass one of each per group")
+    vals = [_vector(v, f"values[{g}]") for g, v in enumerate(values)]
+    csts = [_vector(c, f"costs[{g}]") for g, c in enumerate(costs)]
+    sizes = np.array([len(v) for v in vals])
+    if (g := _first(sizes == 0)) is not None:
+        raise HalpError(f"values[{g}] is empty; each group needs at least the entry for k = 0")
+    if (g := _first(sizes != [len(c) for c in csts])) is not None:
+        raise HalpError(f"group {g}: {sizes[g]} values but {len(csts[g])} costs; both are "
+                        "indexed by the number of units kept, k = 0..K")
+    gid = np.repeat(np.arange(len(vals)), sizes)
+    table = _Table.of(gid, np.arange(len(gid)) - np.repeat(np.cumsum(sizes) - sizes, sizes),
+                      np.concatenate(vals), np.concatenate(csts))
+    if (g := _first(table.v[table.starts] != 0)) is not None:
+        raise HalpError(f"group {g}: values[{g}][0] is {vals[g][0]:.6g}; keeping no units is "
+                        "worth 0 (subtract it from the group's values)")
+    if (i := _first((np.diff(table.v) < 0) & (np.diff(gid) == 0))) is not None:
+        g, k = int(gid[i + 1]), int(table.k[i + 1])
+        raise HalpError(f"group {g}: values decrease at k={k} ({vals[g][k - 1]:.6g} -> "
+                        f"{vals[g][k]:.6g}); values must be cumulative sums of saliencies >= 0")
+    return table
+
+
+def _first(mask: np.ndarray) -> int | None:
+    """Index of the first True, to name the first offending group in an error."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else None
+
+
+def _min_keep(min_keep: int | ArrayLike | None, table: _Table) -> np.ndarray:
+    """Per-group lowest allowed k, checked against the group sizes."""
+    n = len(table.starts)
+    lows = np.asarray(1 if min_keep is None else min_keep)
+    if lows.ndim == 0:
+        lows = np.full(n, lows)
+    if lows.shape != (n,) or not np.issubdtype(lows.dtype, np.integer):
+        raise HalpError(f"min_keep must be an int or {n} ints (one per group), got {min_keep!r}")
+    units = np.diff(table.starts, append=len(table.gid)) - 1
+    if (g := _first((lows < 0) | (lows > units))) is not None:
+        raise HalpError(f"group {g}: min_keep={lows[g]} but the group has {units[g]} units; "
+                        "use 0 <= min_keep <= units")
+    return lows
+
+
+def _resolution(resolution: float | None, span: float, n_groups: int) -> float:
+    if resolution is not None:
+        return float(resolution)
+    return span / (DEFAULT_CELLS_PER_GROUP * n_groups) if span > 0 else 1.0
+
+
+def _unconstrained(t: _Table) -> np.ndarray:
+    """Each group's best choice ignoring the budget: highest value, then cheapest."""
+    return t.k[np.lexsort((t.c, -t.v, t.gid))[t.starts]]
+
+
+def _discretise(t: _Table, floors: np.ndarray, step: float, capacity: int) -> _Table:
+    """Choices as (cells, value), rounded up, minus those that never fit or are dominated.
+
+    Rows end sorted by weight within each group; a choice is dominated when another of its group
+    is no heavier and worth at least as much, so the survivors strictly increase in both. The
+    running maximum runs over (group, value rank) keys, which resets it at each group exactly.
+    """
+    cells = np.ceil((t.c - floors[t.gid]) / step)
+    fits = cells <= capacity
+    t = _Table.of(t.gid[fits], t.k[fits], t.v[fits], cells[fits].astype(np.int64))
+    t = t.take(np.lexsort((-t.v, t.c, t.gid)))
+    key = t.gid * len(t.v) + np.unique(t.v, return_inverse=True)[1]
+    return t.take(key > np.maximum.accumulate(np.concatenate(([-1], key[:-1]))))
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """Bounds from the LP relaxation, whose optimum fills hull edges best ratio first.
+
+    ``rate`` is the value per cell of the edge that overflows the capacity (0 if none does).
+    For any rate λ >= 0 and any feasible choice x, Σ v(x) <= λ (capacity - Σ w(x)) + Σ v(x)
+    <= λ capacity + Σ_g max_k (v_gk - λ w_gk): a Lagrangian upper bound that fixes any part
+    of x cheaply. ``lower`` is the value of a feasible choice built from whole hull edges.
+    """
+
+    rate: float
+    lower: float
+
+    @classmethod
+    def of(cls, t: _Table, capacity: int) -> _Bounds:
+        gid, pos, w, v = _hull_edges(t)
+        dw, dv = np.diff(w), np.diff(v)
+        edge = gid[1:] == gid[:-1]
+        order = np.argsort(-dv[edge] / dw[edge], kind="stable")
+        gid, start, end = gid[1:][edge][order], pos[:-1][edge][order], pos[1:][edge][order]
+        dw, dv = dw[edge][order], dv[edge][order]
+        cut = int(np.searchsorted(np.cumsum(dw), capacity, side="right"))
+        rate = float(dv[cut] / dw[cut]) if cut < len(dw) else 0.0
+        at = [0] * len(t.starts)
+        room = capacity
+        for g, a, b, step in zip(gid.tolist(), start.tolist(), end.tolist(), dw.tolist(),
+                                 strict=True):
+            if at[g] == a and step <= room:
+                at[g], room = b, room - step
+        return cls(rate, math.fsum(t.v[t.starts + np.array(at)].tolist()))
+
+
+def _hull_edges(t: _Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(group, index in group, weight, value) of the points on each group's upper hull.
+
+    A point strictly below the chord of its neighbours is not on the hull; removing all such
+    points at once and repeating until none is left converges to the hull, in few rounds for
+    the nearly concave curves saliency makes.
+    """
+    gid, w, v = t.gid, t.c.astype(np.float64), t.v
+    alive = np.arange(len(w))
+    while True:
+        g, x, y = gid[alive], w[alive], v[alive]
+        inner = (g[1:-1] == g[:-2]) & (g[1:-1] == g[2:])
+        below = (y[1:-1] - y[:-2]) * (x[2:] - x[1:-1]) < (y[2:] - y[1:-1]) * (x[1:-1] - x[:-2])
+        drop = np.flatnonzero(inner & below) + 1
+        if len(drop) == 0:
+            return g, alive - t.starts[g], x, y
+        alive = np.delete(alive, drop)
+
+
+def _solve_cells(t: _Table, capacity: int) -> np.ndarray:
+    """Exact optimum over integer weights (``t.c``) within ``capacity``; returns k per group."""
+    bounds = _Bounds.of(t, capacity)
+    tol = 1e-9 * (1.0 + math.fsum(np.maximum.reduceat(t.v, t.starts).tolist()))
+    need = bounds.lower - tol
+    t, capacity = _reduce(t, capacity, bounds.rate, need)
+    return _dp(t, capacity, bounds.rate, need)
+
+
+def _slack(t: _Table, rate: float) -> np.ndarray:
+    """Per group, max_k (v - rate w): what the group adds to the Lagrangian bound."""
+    return np.maximum.reduceat(t.v - rate * t.c, t.starts)
+
+
+def _reduce(t: _Table, capacity: int, rate: float, need: float) -> tuple[_Table, int]:
+    """Drop choices whose Lagrangian bound (everything else relaxed) stays below ``need``.
+
+    Every choice of an optimal solution survives. Each group then restarts at weight 0 from
+    its lightest survivor, whose weight leaves the capacity.
+    """
+    slack = _slack(t, rate)
+    bound = rate * (capacity - t.c) + t.v + (slack.sum() - slack[t.gid])
+    t = t.take(bound >= need)
+    lightest = t.c[t.starts]
+    return replace(t, c=t.c - lightest[t.gid]), capacity - int(lightest.sum())
+
+
+def _dp(t: _Table, capacity: int, rate: float, need: float) -> np.ndarray:
+    """DP over the groups with a choice left, then backtrack; returns k per group.
+
+    After each group, ``dp[i]`` holds the best value at total weight exactly ``lo + i``;
+    states whose Lagrangian bound stays below ``need`` are trimmed from both ends of the range
+    (those of an optimal solution never are). Groups down to one choice are constants.
+    """
+    keep = t.k[t.starts]
+    ends = np.append(t.starts[1:], len(t.gid))
+    free = np.flatnonzero(ends - t.starts > 1)
+    need -= math.fsum(np.delete(t.v[t.starts], free).tolist())
+    later = _slack(t, rate)[free]
+    rest = later.sum() - np.cumsum(later)  # what the free groups after each one can add
+    rows = [slice(t.starts[g], ends[g]) for g in free.tolist()]
+    lo, dp = 0, np.zeros(1)
+    history = []
+    for r, after in zip(rows, rest.tolist(), strict=True):
+        history.append((lo, dp))
+        lo, dp = _stage(lo, dp, t.c[r], t.v[r], capacity, rate, after, need)
+    cell = lo + int(np.argmax(dp))
+    for g, r, (lo, dp) in zip(free[::-1].tolist(), rows[::-1], history[::-1], strict=True):
+        j = _predecessor(cell, lo, dp, t.c[r], t.v[r])
+        keep[g], cell = t.k[r][j], cell - int(t.c[r][j])
+    return keep
+
+
+def _stage(lo: int, dp: np.ndarray, w: np.ndarray, v: np.ndarray, capacity: int, rate: float,
+           after: float, need: float) -> tuple[int, np.ndarray]:
+    """Add one group to the DP, then trim states that cannot reach ``need``.
+
+    ``after`` plus ``rate`` times the room left bounds what the later groups can still add.
+    """
+    new = np.full(min(lo + len(dp) - 1 + int(w[-1]), capacity) - lo + 1, -np.inf)
+    for wk, vk in zip(w.tolist(), v.tolist(), strict=True):
+        n = min(len(dp), len(new) - wk)
+        if n <= 0:
+            break
+        window = new[wk:wk + n]
+        np.maximum(window, dp[:n] + vk, out=window)
+    room = capacity - lo - np.arange(len(new))
+    alive = np.flatnonzero(new + (rate * room + after) >= need)
+    return lo + int(alive[0]), new[alive[0]:alive[-1] + 1]
+
+
+def _predecessor(cell: int, lo: int, dp: np.ndarray, w: np.ndarray, v: np.ndarray) -> int:
+    """The choice that produced the best value at ``cell``: same float sums, same maximum."""
+    idx = cell - w - lo
+    ok = (idx >= 0) & (idx < len(dp))
+    return int(np.argmax(np.where(ok, dp[np.clip(idx, 0, len(dp) - 1)] + v, -np.inf)))
