@@ -1,0 +1,221 @@
+"""Masks and physical slimming, both derived from the same Torch-Pruning groups.
+
+Dropping channel ``i`` of a coupled group touches every layer of the group: the filters that
+produce it, the batch norms over it and the input weights of the layers that read it (with
+concat offsets and flatten expansion already mapped by Torch-Pruning). A *mask plan* lists those
+entries; zeroing them gives the masked model the pruner trains, removing them gives the slim
+model. Because both come from one plan, ``slim`` can check that the two compute the same
+function and refuse to return a model that does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import StructureError, UnsupportedLayer
+from .structure import NetworkSpec, analyze
+
+#: {parameter name: [(dim, sorted indices to zero)]}
+MaskPlan = dict[str, list[tuple[int, list[int]]]]
+#: resolved plan: (parameter, dim, index tensor)
+MaskEntries = list[tuple[nn.Parameter, int, torch.Tensor]]
+Keep = Mapping[int, Sequence[int] | int]
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning graph of ``model``, traced in eval mode so BN running stats stay put."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                         verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def pruning_group(dg: tp.DependencyGraph, spec: NetworkSpec, gid: int, idxs: Sequence[int]):
+    """Torch-Pruning group removing output channels ``idxs`` of spec group ``gid``."""
+    names = {n: m for m, n in _module_names(dg).items()}
+    root = names[spec.group(gid).producers[0]]
+    return dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
+                                list(idxs))
+
+
+def _module_names(dg: tp.DependencyGraph) -> dict[nn.Module, str]:
+    return {m: n for n, m in dg.model.named_modules()}
+
+
+def mask_plan(dg: tp.DependencyGraph, spec: NetworkSpec, drop: Mapping[int, Sequence[int]]
+              ) -> MaskPlan:
+    """Parameter entries to zero so that the channels in ``drop`` (per group) are gone."""
+    names = _module_names(dg)
+    merged: dict[tuple[str, int], set[int]] = {}
+    for gid, idxs in drop.items():
+        if not idxs:
+            continue
+        for dep, dep_idxs in pruning_group(dg, spec, gid, idxs):
+            module = dep.target.module
+            if module not in names:  # a bare nn.Parameter: no layer weights to mask
+                continue
+            out = dg.is_out_channel_pruning_fn(dep.handler)
+            for pname, dim in _param_dims(module, names[module], out):
+                merged.setdefault((f"{names[module]}.{pname}", dim), set()).update(dep_idxs)
+    plan: MaskPlan = {}
+    for (pname, dim), idxs in sorted(merged.items()):
+        plan.setdefault(pname, []).append((dim, sorted(idxs)))
+    return plan
+
+
+def _param_dims(module: nn.Module, name: str, out: bool) -> list[tuple[str, int]]:
+    """(parameter, dim) holding the pruned channels of ``module`` (out- or input side)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [("weight", 0), ("bias", 0)] if module.affine else []
+    if isinstance(module, nn.Linear):
+        if not out:
+            return [("weight", 1)]
+        return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups == module.in_channels == module.out_channels
+        if module.groups > 1 and not depthwise:
+            raise UnsupportedLayer(
+                f"{name} is a grouped convolution (groups={module.groups}); its channels "
+                "cannot be masked: exclude it with ignore="
+            )
+        if out or depthwise:
+            dim = 1 if module.transposed else 0
+            return [("weight", dim)] + ([("bias", 0)] if module.bias is not None else [])
+        return [("weight", 0 if module.transposed else 1)]
+    return []  # parameter-free ops (pooling, activations) carry channels without weights
+
+
+def mask_entries(model: nn.Module, plan: MaskPlan) -> MaskEntries:
+    """Resolve a plan against ``model``'s parameters (on their devices)."""
+    params = dict(model.named_parameters())
+    return [(params[name], dim, torch.tensor(idxs, dtype=torch.long, device=params[name].device))
+            for name, ops in plan.items() for dim, idxs in ops]
+
+
+def zero_entries(entries: MaskEntries) -> None:
+    """Zero the masked parameter entries and their gradients, in place."""
+    with torch.no_grad():
+        for param, dim, idx in entries:
+            idx = idx.to(param.device)
+            param.index_fill_(dim, idx, 0)
+            if param.grad is not None:
+                param.grad.index_fill_(dim, idx, 0)
+
+
+def dropped_channels(spec: NetworkSpec, keep: Keep) -> dict[int, list[int]]:
+    """Validate ``keep`` ({group: kept indices, or a count = the first n}) → dropped indices."""
+    drop: dict[int, list[int]] = {}
+    for gid, kept in keep.items():
+        if not 0 <= gid < len(spec.groups):
+            raise StructureError(f"keep names group {gid}, but the network has groups "
+                                 f"0..{len(spec.groups) - 1}")
+        group = spec.group(gid)
+        idxs = sorted(set(range(int(kept)) if isinstance(kept, (int, np.integer))
+                          else (int(i) for i in kept)))
+        if not idxs or idxs[0] < 0 or idxs[-1] >= group.channels:
+            raise StructureError(
+                f"group {gid} keeps {len(idxs)} channel(s) {idxs[:3]}..., but it has channels "
+                f"0..{group.channels - 1}: keep at least one index in that range"
+            )
+        if len(idxs) == group.channels:
+            continue
+        if not group.prunable:
+            raise StructureError(f"group {gid} is not prunable ({group.reason}); keep all "
+                                 f"{group.channels} of its channels")
+        drop[gid] = sorted(set(range(group.channels)) - set(idxs))
+    return drop
+
+
+def slim(model: nn.Module, example_input: torch.Tensor, keep: Keep,
+         spec: NetworkSpec | None = None, *, rtol: float = 1e-4) -> nn.Module:
+    """A physically slimmed copy of ``model`` keeping ``keep[g]`` channels of each group g.
+
+    ``keep`` maps group ids of ``spec`` (default: ``analyze(model, example_input)``) to the kept
+    channel indices, or to a count (keep the first n). Groups not named keep every channel.
+    The copy is checked against ``model`` with the dropped channels zeroed; a mismatch raises
+    StructureError. ``model`` itself is not modified.
+    """
+    spec = spec or analyze(model, example_input)
+    drop = dropped_channels(spec, keep)
+    pruned = copy.deepcopy(model)
+    dg = dependency_graph(pruned, example_input)
+    plan = mask_plan(dg, spec, drop)
+    reference = copy.deepcopy(model)
+    zero_entries(mask_entries(reference, plan))
+    for gid, idxs in drop.items():
+        group = pruning_group(dg, spec, gid, idxs)
+        if not dg.check_pruning_group(group):
+            raise StructureError(
+                f"dropping channels {idxs[:4]}... of group {gid} would remove every channel of "
+                "one of its layers (e.g. one branch of a concatenation): keep at least one "
+                "channel of each producer " + ", ".join(spec.group(gid).producers)
+            )
+        group.prune()
+    check_equivalent(reference, pruned, example_input, rtol=rtol)
+    return pruned
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, or nested tuples/lists/dicts of them), in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _probe(example_input: torch.Tensor) -> torch.Tensor:
+    """A seeded random input like ``example_input`` (integer inputs, e.g. token ids, as given)."""
+    if not example_input.is_floating_point():
+        return example_input
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(example_input.shape, generator=gen, dtype=example_input.dtype)
+    return x.to(example_input.device)
+
+
+def check_equivalent(reference: nn.Module, candidate: nn.Module, example_input: torch.Tensor,
+                     *, rtol: float = 1e-4) -> float:
+    """Largest output difference relative to the output scale (eval mode, random input).
+
+    Raises StructureError when above ``rtol`` or when the outputs differ in structure.
+    """
+    x = _probe(example_input)
+    outs = []
+    for m in (reference, candidate):
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                outs.append(_tensors(m(x)))
+        finally:
+            m.train(was_training)
+    ref, got = outs
+    shapes = [tuple(t.shape) for t in ref], [tuple(t.shape) for t in got]
+    if shapes[0] != shapes[1]:
+        raise StructureError(f"slimmed model outputs have shapes {shapes[1]}, the masked model "
+                             f"{shapes[0]}: Torch-Pruning changed an output; report this model")
+    worst = 0.0
+    for r, c in zip(ref, got, strict=True):
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        err = float((r - c).abs().max()) if r.numel() else 0.0
+        worst = max(worst, err / max(scale, 1e-12))
+    if not worst <= rtol:
+        raise StructureError(
+            f"slimmed model differs from the masked model by {worst:.3g} (relative, limit "
+            f"{rtol:g}): removing the channels changed the function, e.g. a normalisation over "
+            "channels or an op Torch-Pruning maps wrongly; exclude those layers with ignore="
+        )
+    return worst
