@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/halp analyze --model resnet18 --input 1x3x224x224
+	$(BIN)/halp demo
 
 test: $(STAMP)
 	$(BIN)/ruff check pipeline tests tools

@@ -10,7 +10,7 @@ import sys
 from .errors import HalpError
 
 #: each module defines ``register(subparsers)`` that adds its parser with ``func=run``
-COMMANDS = ["analyze", "lut", "engine"]
+COMMANDS = ["analyze", "lut", "engine", "verify", "prune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,262 @@
+"""The whole pipeline on a user's model: baseline, LUT, HALP fine-tuning, slim, export, engine.
+
+``halp prune`` and ``halp demo`` both run :func:`run`. Every long stage leaves a file behind
+(baseline and fine-tuning checkpoints, the LUT and its journal), so an interrupted run resumes
+where it stopped and a second run with the same settings reuses the baseline and the LUT.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import engine
+from .backends import Backend, Measurement, get_backend
+from .backends.timing import slug
+from .data import load_data
+from .errors import HalpError
+from .export import to_onnx
+from .fsio import atomic_write_bytes, atomic_write_json
+from .lut import LatencyTable, build_lut
+from .models import load_checkpoint, load_model
+from .pruner import HalpPruner
+from .structure import NetworkSpec, analyze
+from .train import evaluate, fit
+
+LUT_CACHE = Path("luts/cache")
+#: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest
+#: recovers accuracy at the final architecture
+PRUNE_SPAN = 0.6
+MEASURE_ROUNDS = 3
+
+
+@dataclass
+class PruneConfig:
+    model: str
+    data: str
+    input_shape: tuple[int, ...]
+    out: Path
+    lut: str = "auto"  # a LUT file, or "auto": build for the backend and cache under luts/cache
+    checkpoint: str | None = None  # trained baseline weights; None: train one (cached in out/)
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    threads: int | None = None
+    target: float | None = 0.5
+    target_ms: float | None = None
+    baseline_epochs: int = 10
+    epochs: int = 6  # HALP fine-tuning epochs (pruning happens in the first PRUNE_SPAN of them)
+    steps: int = 10
+    lr: float = 0.05
+    finetune_lr: float = 0.01
+    batch_size: int = 64
+    lut_step: int = 8
+    lut_max_points: int | None = 6
+    seed: int = 0
+    train_device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available()
+                              else "cpu")
+
+
+@dataclass
+class Summary:
+    params: int
+    macs: int
+    predicted_ms: float
+    measured_ms: float
+    top1: float
+
+
+def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run the pipeline; returns the report also written to ``cfg.out/report.json``."""
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    backend = _backend(cfg)
+    data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
+    x = torch.randn(*cfg.input_shape)
+
+    log(f"[1/5] baseline {cfg.model} on {data.name}")
+    model = _baseline(cfg, data, out, log)
+    dense_top1 = evaluate(model, data.val, cfg.train_device)
+    model.to("cpu")
+    spec = analyze(model, x, name=cfg.model)
+
+    log(f"[2/5] latency table ({backend.name} {backend.precision})")
+    lut = _lut(cfg, spec, backend, model, x, log)
+
+    log(f"[3/5] HALP pruning to {_target_text(cfg)} while fine-tuning")
+    pruner = _prune(cfg, model, x, lut, data, out, log)
+    slim_model = pruner.finalize().eval()
+    pruned_top1 = evaluate(slim_model, data.val, cfg.train_device)
+    slim_model.to("cpu")
+    slim_spec = analyze(slim_model, x, name=cfg.model)
+
+    log("[4/5] export and engines")
+    torch.save(slim_model, out / "pruned.pt")
+    dense_engine = _export_and_build(model.eval(), x, backend, out, "dense")
+    pruned_engine = _export_and_build(slim_model, x, backend, out, "pruned")
+    log("[5/5] measuring dense and pruned engines")
+    dense_ms, pruned_ms = _measure_pair(dense_engine, pruned_engine, backend)
+
+    dense = Summary(sum(p.numel() for p in model.parameters()), spec.total_macs,
+                    lut.predict(spec), dense_ms.median_ms, dense_top1)
+    pruned = Summary(sum(p.numel() for p in slim_model.parameters()), slim_spec.total_macs,
+                     lut.predict(slim_spec), pruned_ms.median_ms, pruned_top1)
+    report = {
+        "model": cfg.model, "data": data.name, "input_shape": list(cfg.input_shape),
+        "target": cfg.target, "target_ms": pruner.target_ms,
+        "backend": backend.name, "precision": backend.precision,
+        "device": backend.describe()["device"], "lut": str(lut.path) if lut.path else None,
+        "dense": asdict(dense), "pruned": asdict(pruned),
+        "speedup_measured": dense.measured_ms / pruned.measured_ms,
+        "speedup_predicted": dense.predicted_ms / pruned.predicted_ms,
+        "channels": {str(g): c for g, c in pruner.counts.items()},
+        "schedule": pruner.history,
+        "engines": {"dense": str(dense_engine.path), "pruned": str(pruned_engine.path)},
+        "measurements": {"dense": dense_ms.to_dict(), "pruned": pruned_ms.to_dict()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(out / "report.json", report)
+    _plot(lut, spec, slim_spec, report, out / "latency.png")
+    log(render(report))
+    return report
+
+
+def _backend(cfg: PruneConfig) -> Backend:
+    options = {"threads": cfg.threads} if cfg.threads and cfg.backend != "tensorrt" else {}
+    return get_backend(cfg.backend, cfg.precision, **options)
+
+
+def _target_text(cfg: PruneConfig) -> str:
+    if cfg.target_ms is not None:
+        return f"{cfg.target_ms:g} ms"
+    return f"{100 * (cfg.target or 0):g}% of the dense latency"
+
+
+def _baseline(cfg: PruneConfig, data: Any, out: Path, log: Callable[[str], Any]) -> nn.Module:
+    """The user's trained weights, or a baseline trained here (resumable, reused when cached)."""
+    model = load_model(cfg.model, num_classes=data.num_classes)
+    if cfg.checkpoint:
+        return load_checkpoint(model, cfg.checkpoint)
+    ckpt = out / "baseline.ckpt"
+    fit(model, data.train, epochs=cfg.baseline_epochs, lr=cfg.lr, device=cfg.train_device,
+        val_loader=data.val, checkpoint=ckpt, resume=True, desc="baseline", log=log)
+    return model
+
+
+def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
+         x: torch.Tensor, log: Callable[[str], Any]) -> LatencyTable:
+    if cfg.lut != "auto":
+        lut = LatencyTable.load(cfg.lut, backend=backend)
+        lut.check_spec(spec)
+        return lut
+    desc = backend.describe()
+    shape = "x".join(map(str, cfg.input_shape))
+    path = LUT_CACHE / (f"{slug(cfg.model)}-{shape}-{desc['backend']}-{desc['precision']}-"
+                        f"{desc['device_key']}.json")
+    log(f"LUT cache: {path}" + (" (reused)" if path.is_file() else " (building)"))
+    return build_lut(spec, backend, step=cfg.lut_step, max_points=cfg.lut_max_points, out=path,
+                     model=model, example_input=x)
+
+
+def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable, data: Any,
+           out: Path, log: Callable[[str], Any]) -> HalpPruner:
+    iterations = cfg.epochs * len(data.train)
+    interval = max(1, int(PRUNE_SPAN * iterations) // cfg.steps)
+    if interval * cfg.steps > iterations:
+        raise HalpError(f"{cfg.steps} pruning steps do not fit in {iterations} fine-tuning "
+                        "iterations; raise --epochs or lower --steps")
+    pruner = HalpPruner(model, x, lut, target=None if cfg.target_ms else cfg.target,
+                        target_ms=cfg.target_ms, steps=cfg.steps, interval=interval, log=log)
+    log(f"dense predicted {pruner.dense_ms:.4g} ms → target {pruner.target_ms:.4g} ms; "
+        f"{cfg.steps} steps every {interval} iterations")
+    fit(model, data.train, epochs=cfg.epochs, lr=cfg.finetune_lr, device=cfg.train_device,
+        val_loader=data.val, checkpoint=out / "finetune.ckpt", resume=True,
+        after_backward=pruner.step, after_step=pruner.apply_masks, state={"pruner": pruner},
+        desc="halp", log=log)
+    model.to("cpu")
+    return pruner
+
+
+def _export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: Path,
+                      name: str) -> engine.Engine:
+    onnx_path = out / f"{name}.onnx"
+    to_onnx(model, x, onnx_path)  # checked against torch: a mismatch stops the run here
+    if backend.name == "torch":
+        raise HalpError("halp prune deploys through an engine: use --backend onnxruntime or "
+                        "tensorrt (the torch backend is for LUTs and research)")
+    return engine.build(onnx_path, backend, out, name=name)
+
+
+def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
+                  backend: Backend) -> tuple[Measurement, Measurement]:
+    """Alternate dense and pruned rounds so drift (clocks, other load) hits both alike."""
+    rounds: dict[str, list[Measurement]] = {"dense": [], "pruned": []}
+    for _ in range(MEASURE_ROUNDS):
+        rounds["dense"].append(engine.measure(dense, backend))
+        rounds["pruned"].append(engine.measure(pruned, backend))
+    return tuple(_median_of(rounds[k]) for k in ("dense", "pruned"))  # type: ignore[return-value]
+
+
+def _median_of(ms: list[Measurement]) -> Measurement:
+    best = sorted(ms, key=lambda m: m.median_ms)[len(ms) // 2]
+    return Measurement(statistics.median(m.median_ms for m in ms), best.p10_ms, best.p90_ms,
+                       sum(m.n for m in ms), best.inner)
+
+
+def render(report: dict[str, Any]) -> str:
+    from .commands.common import format_table, human
+
+    d, p = report["dense"], report["pruned"]
+    rows = [
+        ["parameters", human(d["params"]), human(p["params"]), f"{d['params'] / p['params']:.2f}x"],
+        ["MACs", human(d["macs"]), human(p["macs"]), f"{d['macs'] / p['macs']:.2f}x"],
+        ["predicted ms", f"{d['predicted_ms']:.4g}", f"{p['predicted_ms']:.4g}",
+         f"{report['speedup_predicted']:.2f}x"],
+        ["measured ms", f"{d['measured_ms']:.4g}", f"{p['measured_ms']:.4g}",
+         f"{report['speedup_measured']:.2f}x"],
+        ["top-1 %", f"{d['top1']:.2f}", f"{p['top1']:.2f}", f"{p['top1'] - d['top1']:+.2f}"],
+    ]
+    table = format_table(["", "dense", "pruned", "ratio"], rows)
+    return (f"\n{report['model']} on {report['data']} @ {'x'.join(map(str, report['input_shape']))}"
+            f", {report['backend']} {report['precision']} ({report['device']}), target "
+            f"{report['target_ms']:.4g} ms\n{table}\nwall time {report['wall_seconds']:.0f} s")
+
+
+def _plot(lut: LatencyTable, dense: NetworkSpec, pruned: NetworkSpec, report: dict[str, Any],
+          path: Path) -> None:
+    """Per-layer LUT latency, dense vs pruned, with the measured totals in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    before = lut.layer_latencies(dense)
+    after = lut.layer_latencies(pruned)
+    names = list(before)
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4), dpi=110)
+    idx = range(len(names))
+    ax.bar([i - 0.2 for i in idx], [before[n] for n in names], 0.4, label="dense")
+    ax.bar([i + 0.2 for i in idx], [after.get(n, 0.0) for n in names], 0.4, label="pruned")
+    ax.set_xticks(list(idx), names, rotation=90, fontsize=6)
+    ax.set_ylabel("LUT latency (ms)")
+    d, p = report["dense"], report["pruned"]
+    ax.set_title(f"{report['model']}: measured {d['measured_ms']:.3g} → {p['measured_ms']:.3g} "
+                 f"ms ({report['speedup_measured']:.2f}x; predicted "
+                 f"{report['speedup_predicted']:.2f}x)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
