@@ -30,6 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .backends import Backend, Measurement
+from .backends.timing import STATISTICS, median_of
+from .calibration import fit, references
 from .errors import HalpError, LutError, LutMismatch
 from .fsio import (
     append_journal,
@@ -142,7 +144,7 @@ class _Grid:
 
     def __init__(self, entry: LutEntry):
         self.diagonal = entry.diagonal
-        self.exact = {k: m.median_ms for k, m in entry.points.items()}
+        self.exact = {k: m.ms for k, m in entry.points.items()}
         rows: dict[int, list[tuple[int, float]]] = {}
         for (cin, cout), ms in self.exact.items():
             rows.setdefault(0 if self.diagonal else cin, []).append((cout, ms))
@@ -193,16 +195,18 @@ def _interp1(xs: np.ndarray, ys: np.ndarray, x: float) -> tuple[float, bool]:
 
 
 class LatencyTable:
-    """Measured per-layer latencies for one backend/precision/device, with the dense-network
-    calibration constant (the cost of everything the layer entries do not cover)."""
+    """Measured per-layer latencies for one backend/precision/device, with the calibration
+    against whole networks (:mod:`pipeline.calibration`): queries return ``scale`` × the
+    measured entry, and predictions add ``constant_ms`` for what the entries do not cover."""
 
     def __init__(self, meta: dict[str, Any], entries: Mapping[str, LutEntry], *,
                  constant_ms: float | None = None, dense_ms: float | None = None,
-                 path: str | Path | None = None):
+                 scale: float = 1.0, path: str | Path | None = None):
         self.meta = meta
         self.entries = dict(entries)
         self.constant_ms = constant_ms
         self.dense_ms = dense_ms
+        self.scale = scale
         self.path = Path(path) if path is not None else None
         self._grids: dict[str, _Grid] = {}
         self._query = lru_cache(maxsize=1 << 16)(self._value)
@@ -247,19 +251,22 @@ class LatencyTable:
     def lookup(self, layer: LayerSpec, cin: int, cout: int) -> tuple[float, bool]:
         """(ms, exact): exact is False when the value was interpolated or extrapolated."""
         ms, kind = self._classify(layer, cin, cout)
-        return ms, kind == "exact"
+        return self.scale * ms, kind == "exact"
 
     def latency(self, layer: LayerSpec, cin: int, cout: int) -> float:
-        """Milliseconds for ``layer`` at (cin, cout)."""
-        return self._classify(layer, cin, cout)[0]
+        """Milliseconds for ``layer`` at (cin, cout), calibrated (``scale`` × the entry)."""
+        return self.scale * self._classify(layer, cin, cout)[0]
 
     def is_measured(self, layer: LayerSpec, cin: int, cout: int) -> bool:
         return self.lookup(layer, cin, cout)[1]
 
-    def layer_latencies(self, spec: NetworkSpec,
-                        counts: Mapping[int, int] | None = None) -> dict[str, float]:
-        """Per layer name: its latency when each group keeps ``counts[group]`` channels."""
-        return {layer.name: self.latency(layer, *layer.dims(counts)) for layer in spec.layers}
+    def layer_latencies(self, spec: NetworkSpec, counts: Mapping[int, int] | None = None, *,
+                        calibrated: bool = True) -> dict[str, float]:
+        """Per layer name: its latency when each group keeps ``counts[group]`` channels
+        (``calibrated=False``: the measured entries, without the calibration scale)."""
+        scale = self.scale if calibrated else 1.0
+        return {layer.name: scale * self._classify(layer, *layer.dims(counts))[0]
+                for layer in spec.layers}
 
     def predict(self, spec: NetworkSpec, counts: Mapping[int, int] | None = None) -> float:
         """Whole-network milliseconds: Σ layer latencies + the calibration constant."""
@@ -304,12 +311,13 @@ class LatencyTable:
                 if key not in entry.points or _better(m, entry.points[key]):
                     entry.points[key] = m
         source = self if self.constant_ms is not None or other.constant_ms is None else other
-        meta = {**self.meta, **{k: source.meta.get(k) for k in ("model", "input_shape", "dense")}}
+        meta = {**self.meta, **{k: source.meta.get(k)
+                                for k in ("model", "input_shape", "dense", "calibration")}}
         meta["merged_from"] = [*_provenance(self.meta), *_provenance(other.meta)]
         meta["created"] = _now()
         meta["points"] = sum(len(e.points) for e in entries.values())
         return LatencyTable(meta, entries, constant_ms=source.constant_ms,
-                            dense_ms=source.dense_ms)
+                            dense_ms=source.dense_ms, scale=source.scale)
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -319,6 +327,7 @@ class LatencyTable:
             "version": VERSION,
             "meta": self.meta,
             "constant_ms": self.constant_ms,
+            "scale": self.scale,
             "dense_ms": self.dense_ms,
             "entries": {
                 sig: {
@@ -418,11 +427,16 @@ def _from_dict(data: Any, path: Path) -> LatencyTable:
     _require(meta, ("backend", "precision", "device_key"), "meta")
     if not entries:
         raise _Invalid("the table has no entries")
+    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+    statistic = settings.get("statistic", "median")  # tables before the setting used medians
+    if statistic not in STATISTICS:
+        raise _Invalid(f"meta.settings.statistic {statistic!r} is not one of {STATISTICS}")
     return LatencyTable(
         meta,
-        {sig: _entry(sig, e) for sig, e in entries.items()},
+        {sig: _entry(sig, e, statistic) for sig, e in entries.items()},
         constant_ms=_number(data["constant_ms"], "constant_ms", optional=True, signed=True),
         dense_ms=_number(data["dense_ms"], "dense_ms", optional=True),
+        scale=_number(data.get("scale", 1.0), "scale"),
         path=path,
     )
 
@@ -433,7 +447,7 @@ def _require(obj: Mapping[str, Any], keys: Iterable[str], what: str) -> None:
         raise _Invalid(f"{what} is missing {', '.join(map(repr, missing))}")
 
 
-def _entry(sig: str, data: Any) -> LutEntry:
+def _entry(sig: str, data: Any, statistic: str) -> LutEntry:
     if not isinstance(data, dict):
         raise _Invalid(f"entry {sig!r} is not a JSON object")
     _require(data, ("layer_example", "points"), f"entry {sig!r}")
@@ -448,7 +462,7 @@ def _entry(sig: str, data: Any) -> LutEntry:
             raise _Invalid(f"{where} is not [cin, cout, median_ms, p10_ms, p90_ms, n]")
         cin, cout, n = (_count(p[j], where) for j in (0, 1, 5))
         med, p10, p90 = (_number(p[j], where) for j in (2, 3, 4))
-        points[(cin, cout)] = Measurement(median_ms=med, p10_ms=p10, p90_ms=p90, n=n)
+        points[(cin, cout)] = Measurement(med, p10, p90, n, statistic=statistic)
     return LutEntry(data["layer_example"], list(data.get("layers", [])), points)
 
 
@@ -489,21 +503,28 @@ def build_lut(
     example_input: torch.Tensor | None = None,
     progress: bool = True,
     seed: int = 0,
+    passes: int = 1,
 ) -> LatencyTable:
     """Measure every (signature, cin, cout) point ``spec`` needs and write the table to ``out``.
 
     Points are measured in a seeded shuffled order (so slow drift of the device does not
     correlate with channel count) and journaled to ``<out>.journal``; rerunning the same call
-    measures only what is missing. With ``model``, the dense network is measured too and the
-    calibration constant = dense − Σ dense layer entries is stored.
+    measures only what is missing. With ``model``, the dense network and a half-width copy are
+    measured too and the table is calibrated on them (:mod:`pipeline.calibration`): ``scale``
+    and ``constant_ms`` such that scale · Σ entries + constant fits both.
+
+    With ``passes`` > 1 every point (and each reference network) is measured once per pass, each
+    pass in its own shuffled order, and the table keeps the median over passes: on a machine
+    whose speed drifts over minutes (shared hosts, thermal throttling) each entry then sees the
+    same mix of fast and slow spells, so entries stay comparable with each other.
     """
-    if step < 1 or (max_points is not None and max_points < 2):
-        raise HalpError(f"step must be >= 1 and max_points >= 2 (got step={step}, "
-                        f"max_points={max_points})")
+    if step < 1 or passes < 1 or (max_points is not None and max_points < 2):
+        raise HalpError(f"step and passes must be >= 1 and max_points >= 2 (got step={step}, "
+                        f"passes={passes}, max_points={max_points})")
     described = backend.describe()
     header = _normalised({
         "format": _JOURNAL_FORMAT, "version": VERSION, "backend": described,
-        "build": {"step": step, "max_points": max_points, "seed": seed},
+        "build": {"step": step, "max_points": max_points, "seed": seed, "passes": passes},
     })
     out = Path(out)
     existing = _existing(out, spec, header)
@@ -511,21 +532,29 @@ def build_lut(
         return existing
     entries = plan(spec, step, max_points)
     journal = _Journal(journal_path(out), header)
-    todo = [(sig, ci, co) for sig, e in entries.items() for ci, co in sorted(e.points)
-            if (sig, ci, co) not in journal.points]
-    random.Random(seed).shuffle(todo)
-    total = sum(len(e.points) for e in entries.values())
-    if journal.points:
-        log.info("resuming %s: %d of %d points already measured", journal.path,
-                 total - len(todo), total)
-    _measure(backend, entries, todo, journal, progress=progress, total=total)
+    points = [(sig, ci, co) for sig, e in entries.items() for ci, co in sorted(e.points)]
+    x = example_input if example_input is not None else torch.randn(*spec.input_shape)
+    total = len(points) * passes
+    done = sum(len(v) for v in journal.points.values())
+    if done:
+        log.info("resuming %s: %d of %d measurements already taken", journal.path, done, total)
+    refs = references(model, x, spec, step) if model is not None else []
+    with tqdm(total=total, initial=done, disable=not progress, unit="pt", desc="lut",
+              dynamic_ncols=True) as bar:
+        for p in range(passes):
+            todo = [pt for pt in points if p not in journal.points.get(pt, {})]
+            random.Random(seed + p).shuffle(todo)
+            _measure(backend, entries, todo, journal, p, bar)
+            for name, _, module in refs:  # calibration references, once per pass
+                if p not in journal.refs.get(name, {}):
+                    started = time.perf_counter()
+                    journal.add({"ref": name, "pass": p,
+                                 **backend.time_module(module, x).to_dict()},
+                                time.perf_counter() - started)
     for sig, entry in entries.items():
-        entry.points = {k: journal.points[(sig, *k)] for k in entry.points}
-    if model is not None and journal.dense is None:
-        x = example_input if example_input is not None else torch.randn(*spec.input_shape)
-        started = time.perf_counter()
-        journal.add({"dense": backend.time_module(model, x).to_dict()},
-                    time.perf_counter() - started)
+        entry.points = {k: median_of(list(journal.points[(sig, *k)].values()))
+                        for k in entry.points}
+    measured = {name: median_of(list(journal.refs[name].values())) for name, _, _ in refs}
     meta = {
         **described,
         "batch": int(spec.input_shape[0]),
@@ -535,14 +564,21 @@ def build_lut(
         "step": step,
         "max_points": max_points,
         "seed": seed,
-        "points": total,
+        "points": len(points),
+        "passes": passes,
         "build_s": round(journal.spent_s, 3),
-        "dense": journal.dense.to_dict() if journal.dense is not None else None,
+        "dense": measured["dense"].to_dict() if measured else None,
     }
     table = LatencyTable(meta, entries)
-    if journal.dense is not None:
-        table.dense_ms = journal.dense.median_ms
-        table.constant_ms = table.dense_ms - sum(table.layer_latencies(spec).values())
+    if measured:
+        lut_ms = {name: sum(table.layer_latencies(spec, counts, calibrated=False).values())
+                  for name, counts, _ in refs}
+        cal = fit(*((lut_ms[name], measured[name].ms) for name, _, _ in refs))
+        table.dense_ms, table.scale, table.constant_ms = (measured["dense"].ms, cal.scale,
+                                                          cal.constant_ms)
+        meta["calibration"] = {name: {"lut_ms": lut_ms[name], "measured_ms": measured[name].ms,
+                                      "counts": {str(g): c for g, c in counts.items()}}
+                               for name, counts, _ in refs}
     table.save(out)
     journal.path.unlink(missing_ok=True)
     return table
@@ -574,13 +610,13 @@ def _existing(out: Path, spec: NetworkSpec, header: dict[str, Any]) -> LatencyTa
 
 
 class _Journal:
-    """The append-only record of one build: finished points, the dense measurement and the
+    """The append-only record of one build: finished points, the reference networks and the
     measuring time spent, accumulated over interrupted runs."""
 
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
-        self.points: dict[tuple[str, int, int], Measurement] = {}
-        self.dense: Measurement | None = None
+        self.points: dict[tuple[str, int, int], dict[int, Measurement]] = {}  # point -> pass
+        self.refs: dict[str, dict[int, Measurement]] = {}  # calibration network -> pass
         self.spent_s = 0.0
         if not path.exists():  # the header is written whole, never torn
             atomic_write_text(path, json.dumps({"header": header}) + "\n")
@@ -599,13 +635,16 @@ class _Journal:
 
     def _take(self, rec: dict[str, Any]) -> None:
         self.spent_s += rec.get("wall_s", 0.0)
-        if "dense" in rec:
-            self.dense = Measurement.from_dict(rec["dense"])
+        p = int(rec.get("pass", 0))
+        if "ref" in rec:
+            self.refs.setdefault(rec["ref"], {})[p] = Measurement.from_dict(rec)
         else:
-            self.points[(rec["sig"], rec["cin"], rec["cout"])] = Measurement.from_dict(rec)
+            point = (rec["sig"], rec["cin"], rec["cout"])
+            self.points.setdefault(point, {})[p] = Measurement.from_dict(rec)
 
     def add(self, rec: dict[str, Any], wall_s: float) -> None:
-        """Append a finished point (``sig``, ``cin``, ``cout`` + measurement) or ``dense``."""
+        """Append a finished point (``sig``, ``cin``, ``cout`` + measurement) or a reference
+        network's measurement (``ref``)."""
         rec = {**rec, "wall_s": round(wall_s, 4)}
         append_journal(self.path, rec)
         self._take(rec)
@@ -630,14 +669,11 @@ def _header_diff(found: Any, header: dict[str, Any]) -> str:
 
 
 def _measure(backend: Backend, entries: Mapping[str, LutEntry],
-             todo: list[tuple[str, int, int]], journal: _Journal, *,
-             progress: bool, total: int) -> None:
+             todo: list[tuple[str, int, int]], journal: _Journal, p: int, bar: tqdm) -> None:
     examples = {sig: _layer_from_geometry(e.layer_example) for sig, e in entries.items()}
-    with tqdm(total=total, initial=total - len(todo), disable=not progress, unit="pt",
-              desc="lut", dynamic_ncols=True) as bar:
-        for sig, cin, cout in todo:
-            started = time.perf_counter()
-            m = backend.time_layer(examples[sig], cin, cout)
-            journal.add({"sig": sig, "cin": cin, "cout": cout, **m.to_dict()},
-                        time.perf_counter() - started)
-            bar.update()
+    for sig, cin, cout in todo:
+        started = time.perf_counter()
+        m = backend.time_layer(examples[sig], cin, cout)
+        journal.add({"sig": sig, "cin": cin, "cout": cout, "pass": p, **m.to_dict()},
+                    time.perf_counter() - started)
+        bar.update()

@@ -8,7 +8,7 @@ where it stopped and a second run with the same settings reuses the baseline and
 from __future__ import annotations
 
 import io
-import statistics
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +20,7 @@ from torch import nn
 
 from . import engine
 from .backends import Backend, Measurement, get_backend
-from .backends.timing import slug
+from .backends.timing import median_of, slug
 from .data import load_data
 from .errors import HalpError
 from .export import to_onnx
@@ -31,7 +31,6 @@ from .pruner import HalpPruner
 from .structure import NetworkSpec, analyze
 from .train import evaluate, fit
 
-LUT_CACHE = Path("luts/cache")
 #: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest
 #: recovers accuracy at the final architecture
 PRUNE_SPAN = 0.6
@@ -60,6 +59,7 @@ class PruneConfig:
     lut_step: int = 8
     lut_max_points: int | None = 6
     seed: int = 0
+    lut_cache: Path = Path("luts/cache")  # where --lut auto keeps tables, keyed by device
     train_device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available()
                               else "cpu")
 
@@ -107,9 +107,9 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     dense_ms, pruned_ms = _measure_pair(dense_engine, pruned_engine, backend)
 
     dense = Summary(sum(p.numel() for p in model.parameters()), spec.total_macs,
-                    lut.predict(spec), dense_ms.median_ms, dense_top1)
+                    lut.predict(spec), dense_ms.ms, dense_top1)
     pruned = Summary(sum(p.numel() for p in slim_model.parameters()), slim_spec.total_macs,
-                     lut.predict(slim_spec), pruned_ms.median_ms, pruned_top1)
+                     lut.predict(slim_spec), pruned_ms.ms, pruned_top1)
     report = {
         "model": cfg.model, "data": data.name, "input_shape": list(cfg.input_shape),
         "target": cfg.target, "target_ms": pruner.target_ms,
@@ -122,7 +122,7 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
         "schedule": pruner.history,
         "engines": {"dense": str(dense_engine.path), "pruned": str(pruned_engine.path)},
         "measurements": {"dense": dense_ms.to_dict(), "pruned": pruned_ms.to_dict()},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),  # as it reads back
         "wall_seconds": time.perf_counter() - started,
     }
     atomic_write_json(out / "report.json", report)
@@ -161,8 +161,8 @@ def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module
         return lut
     desc = backend.describe()
     shape = "x".join(map(str, cfg.input_shape))
-    path = LUT_CACHE / (f"{slug(cfg.model)}-{shape}-{desc['backend']}-{desc['precision']}-"
-                        f"{desc['device_key']}.json")
+    path = Path(cfg.lut_cache) / (f"{slug(cfg.model)}-{shape}-{desc['backend']}-"
+                                  f"{desc['precision']}-{desc['device_key']}.json")
     log(f"LUT cache: {path}" + (" (reused)" if path.is_file() else " (building)"))
     return build_lut(spec, backend, step=cfg.lut_step, max_points=cfg.lut_max_points, out=path,
                      model=model, example_input=x)
@@ -204,13 +204,7 @@ def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
     for _ in range(MEASURE_ROUNDS):
         rounds["dense"].append(engine.measure(dense, backend))
         rounds["pruned"].append(engine.measure(pruned, backend))
-    return tuple(_median_of(rounds[k]) for k in ("dense", "pruned"))  # type: ignore[return-value]
-
-
-def _median_of(ms: list[Measurement]) -> Measurement:
-    best = sorted(ms, key=lambda m: m.median_ms)[len(ms) // 2]
-    return Measurement(statistics.median(m.median_ms for m in ms), best.p10_ms, best.p90_ms,
-                       sum(m.n for m in ms), best.inner)
+    return median_of(rounds["dense"]), median_of(rounds["pruned"])
 
 
 def render(report: dict[str, Any]) -> str:

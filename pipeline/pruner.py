@@ -189,18 +189,11 @@ class HalpPruner:
             optimizer.register_step_post_hook(lambda *_: self.apply_masks())
 
     def _sizable_groups(self) -> list[int]:
-        """Prunable groups whose every layer holds all of the group's channels.
-
-        A group assembled by concatenation (or read through a split) spreads its channels over
-        several layers; ``LayerSpec.dims`` would give each of them the group's whole count, so
-        the latency model cannot price it. Such groups are left dense, and said so.
-        """
+        """The groups the latency model can size (``NetworkSpec.partial_layers``); the others
+        are left dense, and said so."""
         groups = []
         for group in self.spec.prunable_groups:
-            partial = [la.name for la in self.spec.layers
-                       if (la.out_group == group.id and la.cout != group.channels)
-                       or any(s == group.id and n != group.channels
-                              for s, n in la.in_sources)]
+            partial = self.spec.partial_layers(group.id)
             if partial:
                 self._log(f"HALP leaves group {group.id} dense: layers {partial} hold only part "
                           "of its channels (concatenation/split), which the latency model "
@@ -315,7 +308,7 @@ class HalpPruner:
         self._saliency.reset()
         budget = self._budgets[self._step]
         order, gains = self._ranked({g: mean[g].numpy() for g in self._groups})
-        counts = self._solve(budget, gains)
+        counts = self._solve(budget, gains, self.counts)
         keep = self._broadcast({g: np.sort(order[g][:counts[g]]) for g in self._groups})
         self._set_keep(keep)
         self._step += 1
@@ -328,10 +321,19 @@ class HalpPruner:
                       f"{self._predicted:.4g} ms (dense {self._dense_ms:.4g}, target "
                       f"{self._target_ms:.4g}), channels kept {kept}/{total}")
 
-    def plan(self, budget_ms: float, saliency: Mapping[int, np.ndarray]) -> dict[int, int]:
-        """Channels per group that one knapsack step would keep under ``budget_ms``, from the
-        current architecture, given per-channel saliencies; nothing is masked (for `verify`)."""
-        return self._solve(budget_ms, self._ranked(saliency)[1])
+    def plan(self, budget_ms: float, saliency: Mapping[int, np.ndarray], *,
+             steps: int = 1) -> dict[int, int]:
+        """Channels per group that ``steps`` knapsack steps on the exponential schedule would
+        keep, from the current architecture down to ``budget_ms``, given per-channel
+        saliencies; nothing is masked (for `verify`). One big step prices every layer at
+        today's input counts and so over-prunes; several small steps track the real network.
+        """
+        gains = self._ranked(saliency)[1]
+        counts = self.counts
+        start = self.lut.predict(self.spec, counts)
+        for s in range(1, steps + 1):
+            counts = self._solve(start * (budget_ms / start) ** (s / steps), gains, counts)
+        return counts
 
     def _ranked(self, saliency: Mapping[int, np.ndarray]
                 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
@@ -344,9 +346,10 @@ class HalpPruner:
     def _layer_ms(self, layer: LayerSpec, counts: Mapping[int, int]) -> float:
         return self.lut.latency(layer, *layer.dims(counts))
 
-    def _solve(self, budget: float, gains: Mapping[int, np.ndarray]) -> dict[int, int]:
-        """Counts per group within ``budget`` by true prediction, maximising kept saliency."""
-        current = self.counts
+    def _solve(self, budget: float, gains: Mapping[int, np.ndarray],
+               current: Mapping[int, int]) -> dict[int, int]:
+        """Counts per group within ``budget`` by true prediction, maximising kept saliency,
+        never above ``current``."""
         allowed = {g: c[c <= current[g]] for g, c in self._choices.items()}
         values = [gains[g][allowed[g]] for g in self._groups]
         costs = [self._costs(g, allowed[g], current) for g in self._groups]

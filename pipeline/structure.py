@@ -151,6 +151,21 @@ class NetworkSpec:
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    def partial_layers(self, gid: int) -> list[str]:
+        """Layers holding only part of group ``gid``'s channels (a concatenation or split).
+
+        ``LayerSpec.dims`` gives such layers the group's whole count, so the latency model
+        cannot price pruning that group: HALP leaves it dense.
+        """
+        channels = self.group(gid).channels
+        return [la.name for la in self.layers
+                if (la.out_group == gid and la.cout != channels)
+                or any(s == gid and n != channels for s, n in la.in_sources)]
+
+    def sizable_groups(self) -> list[int]:
+        """Prunable groups every member layer holds whole: those the latency model can price."""
+        return [g.id for g in self.prunable_groups if not self.partial_layers(g.id)]
+
     def dense_counts(self) -> dict[int, int]:
         return {g.id: g.channels for g in self.groups}
 

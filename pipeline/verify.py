@@ -2,9 +2,15 @@
 
 Samples pruned architectures (random per-group keep fractions in unit steps, plus knapsack
 solutions at several targets), slims a copy of the model to each, measures it on the LUT's own
-backend and compares with the LUT's prediction. The calibration constant (the latency of what the
-LUT does not model) is re-measured from the dense network in the same run, so the check is about
-the table's per-layer entries, not about drift since the table was built.
+backend and compares with the LUT's prediction. The calibration is re-fitted on reference
+networks measured in the same run, so the check is about the table's per-layer entries and not
+about how fast the machine happens to be today (a shared CPU changes speed by tens of percent
+over minutes):
+
+- ``affine`` (default): scale and constant through the dense network and its half-width copy,
+  as ``halp lut build`` calibrates (:mod:`pipeline.calibration`);
+- ``constant``: the dense network alone pins the constant (dense measured − Σ dense entries),
+  as the HALP paper calibrates.
 """
 
 from __future__ import annotations
@@ -20,14 +26,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .backends import Backend
+from .backends import Backend, Measurement, OnnxBackend
+from .backends.timing import median_of
+from .calibration import fit, references
 from .errors import HalpError
+from .export import to_onnx
 from .lut import LatencyTable
 from .pruner import HalpPruner
 from .slim import slim
 from .structure import NetworkSpec
 
 KNAPSACK_TARGETS = (0.35, 0.5, 0.65, 0.8)
+#: knapsack steps per planned architecture (HALP prunes in many small steps, not one)
+PLAN_STEPS = 8
 
 
 @dataclass
@@ -52,6 +63,8 @@ class VerifyReport:
     lut: str
     tolerance: float  # allowed mean absolute error, as a fraction
     dense_measured_ms: float
+    calibration: str  # "affine" or "constant"
+    scale: float
     constant_ms: float
     samples: list[Sample] = field(default_factory=list)
 
@@ -79,6 +92,7 @@ class VerifyReport:
             "spearman": self.spearman, "passed": self.passed, "tolerance": self.tolerance,
             "model": self.model, "input_shape": list(self.input_shape), "lut": self.lut,
             "backend": self.backend, "dense_measured_ms": self.dense_measured_ms,
+            "calibration": self.calibration, "scale": self.scale,
             "constant_ms": self.constant_ms,
             "samples": [{**asdict(s), "counts": {str(g): c for g, c in s.counts.items()},
                          "error_pct": s.error_pct} for s in self.samples],
@@ -140,6 +154,8 @@ def verify(
     *,
     samples: int = 12,
     tolerance: float = 0.10,
+    rounds: int = 3,
+    calibration: str = "affine",
     seed: int = 0,
     lut_path: str = "",
     name: str | None = None,
@@ -163,28 +179,65 @@ def verify(
     targets = [t for t in KNAPSACK_TARGETS if t * planner.dense_ms >= planner.minimum_ms]
     n_knapsack = min(len(targets), samples // 3)
     saliency = weight_saliency(model, spec, list(planner.choices))
-    plans = [(f"knapsack@{t}", planner.plan(t * planner.dense_ms, saliency))
+    plans = [(f"knapsack@{t}", planner.plan(t * planner.dense_ms, saliency, steps=PLAN_STEPS))
              for t in targets[:n_knapsack]]
     plans += [("random", random_counts(planner, rng)) for _ in range(samples - n_knapsack)]
 
-    dense = backend.time_module(model, example_input)
-    lut_dense = sum(lut.layer_latencies(spec).values())
-    constant = dense.median_ms - lut_dense
+    if calibration not in ("affine", "constant"):
+        raise HalpError(f"calibration {calibration!r} is not 'affine' or 'constant'")
+    refs = references(model, example_input, spec)[: 2 if calibration == "affine" else 1]
+    variants = list(refs)
+    for kind, counts in tqdm(plans, desc="slim", unit="arch", disable=not progress):
+        keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
+        variants.append((kind, counts, slim(model, example_input, keep, spec=spec)
+                         if keep else model))
+    timers = [_timer(backend, v, example_input) for _, _, v in variants]
+    measured = _interleaved(timers, rounds, progress)
+
+    def entries_ms(counts: dict[int, int]) -> float:
+        return sum(lut.layer_latencies(spec, counts, calibrated=False).values())
+
+    cal = fit(*((entries_ms(counts), m.ms)
+                for (_, counts, _), m in zip(refs, measured[: len(refs)], strict=True)))
     report = VerifyReport(
         model=name or type(model).__name__, input_shape=tuple(example_input.shape),
-        backend=desc, lut=lut_path, tolerance=tolerance, dense_measured_ms=dense.median_ms,
-        constant_ms=constant,
+        backend=desc, lut=lut_path, tolerance=tolerance, dense_measured_ms=measured[0].ms,
+        calibration=calibration, scale=cal.scale, constant_ms=cal.constant_ms,
     )
-    log(f"dense: measured {dense.median_ms:.4g} ms, LUT layers {lut_dense:.4g} ms, "
-        f"constant {constant:.4g} ms")
-    for kind, counts in tqdm(plans, desc="verify", unit="arch", disable=not progress):
-        keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
-        variant = slim(model, example_input, keep, spec=spec) if keep else model
-        measured = backend.time_module(variant, example_input)
-        predicted = sum(lut.layer_latencies(spec, counts).values()) + constant
-        report.samples.append(Sample(kind, counts, predicted, measured.median_ms,
-                                     measured.p10_ms, measured.p90_ms))
+    log(f"dense: measured {measured[0].ms:.4g} ms, LUT entries {entries_ms(refs[0][1]):.4g} ms;"
+        f" {calibration} calibration in this run: scale {cal.scale:.4g}, constant "
+        f"{cal.constant_ms:.4g} ms (the table's own: {lut.scale:.4g}, {lut.constant_ms})")
+    for (kind, counts, _), m in zip(variants[len(refs):], measured[len(refs):], strict=True):
+        report.samples.append(Sample(kind, counts, cal.predict(entries_ms(counts)), m.ms,
+                                     m.p10_ms, m.p90_ms))
     return report
+
+
+def _timer(backend: Backend, model: nn.Module,
+           example_input: torch.Tensor) -> Callable[[], Measurement]:
+    """Time ``model`` as the backend deploys it, exporting to ONNX once rather than per round."""
+    if not isinstance(backend, OnnxBackend):
+        return lambda: backend.time_module(model, example_input)
+    proto = to_onnx(model, example_input, check=False)
+    inputs = {proto.graph.input[0].name: example_input.cpu().numpy()}
+    return lambda: backend.time_onnx(proto, inputs)
+
+
+def _interleaved(timers: Sequence[Callable[[], Measurement]], rounds: int,
+                 progress: bool) -> list[Measurement]:
+    """Measure every variant once per round, round after round, and take each one's median.
+
+    Interleaving spreads slow drifts of the machine (clocks, neighbours on a shared host) over
+    all variants alike instead of penalising whichever was measured during a slow spell.
+    """
+    results: list[list[Measurement]] = [[] for _ in timers]
+    steps = tqdm(total=rounds * len(timers), desc="measure", unit="run", disable=not progress)
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            results[i].append(timer())
+            steps.update()
+    steps.close()
+    return [median_of(r) for r in results]
 
 
 def render(report: VerifyReport) -> str:

@@ -83,7 +83,8 @@ def test_onnxruntime_times_a_layer_and_describes_itself(conv: LayerSpec) -> None
     info = backend.describe()
     assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
     assert info["threads"] == 1 and info["device_key"].endswith("-t1")
-    assert info["settings"] == {"warmup": 1, "repeats": 5, "min_sample_ms": 0.2, "warmup_ms": 0.0}
+    assert info["settings"] == {"warmup": 1, "repeats": 5, "min_sample_ms": 0.2, "warmup_ms": 0.0,
+                                "statistic": "p10"}
     assert {"onnxruntime", "onnx", "numpy"} <= set(info["versions"])
     assert info == get_backend("onnxruntime", threads=1, **FAST).describe()
 

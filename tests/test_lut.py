@@ -83,10 +83,15 @@ def test_build_covers_the_network_and_calibrates(built, resnet) -> None:
     # every layer's dense point is measured, and the constant closes the gap to the dense net
     layers = table.layer_latencies(spec)
     assert all(table.is_measured(lay, *lay.dims()) for lay in spec.layers)
-    assert table.dense_ms == table.meta["dense"]["median_ms"] > 0
+    assert table.dense_ms == Measurement.from_dict(table.meta["dense"]).ms > 0
     assert table.constant_ms == pytest.approx(table.dense_ms - sum(layers.values()))
     assert table.predict(spec) == pytest.approx(sum(layers.values()) + table.constant_ms)
     assert table.predict(spec) == pytest.approx(table.dense_ms)
+    cal = table.meta["calibration"]
+    assert set(cal) == {"dense", "half"}
+    if table.scale != 1.0:  # the fit went through both references, not the dense offset alone
+        half = {int(g): c for g, c in cal["half"]["counts"].items()}
+        assert table.predict(spec, half) == pytest.approx(cal["half"]["measured_ms"])
 
 
 def test_predict_sums_layers_at_pruned_counts(built, resnet) -> None:

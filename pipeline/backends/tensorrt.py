@@ -114,7 +114,7 @@ class TensorRTBackend(OnnxBackend):
         _require("polygraphy.backend.trt")
         self.cuda = _cuda()
         self.precision = precision
-        self.settings = settings or TimingSettings()
+        self.settings = (settings or TimingSettings()).resolved("median")
 
     def time_plan(self, plan: bytes, inputs: dict[str, np.ndarray]) -> Measurement:
         """Time a serialized engine (e.g. one written by :func:`build_engine`)."""

@@ -71,7 +71,8 @@ class TorchBackend:
             raise HalpError(f"threads must be >= 1, got {threads}")
         self.precision = precision
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        self.settings = settings or TimingSettings()
+        self.settings = (settings or TimingSettings()).resolved(
+            "p10" if self.device.type == "cpu" else "median")
         self.threads = threads or default_threads()
 
     @contextmanager

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="channel grid step for prunable sides (default 8)")
     b.add_argument("--max-points", type=_positive, default=None,
                    help="at most this many grid points per channel axis (coarser, faster)")
+    b.add_argument("--passes", type=_positive, default=1,
+                   help="measure every point this many times, in separately shuffled passes, "
+                        "and keep the median (steadier tables on shared or throttling machines)")
     b.add_argument("--threads", type=_positive, default=None, help="CPU threads (CPU backends)")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device for onnxruntime/torch (default: the backend's)")
@@ -76,7 +79,7 @@ def run_build(args: argparse.Namespace) -> int:
     try:
         table = build_lut(spec, backend, step=args.step, max_points=args.max_points,
                           out=args.out, model=model, example_input=x,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, passes=args.passes)
     except KeyboardInterrupt:
         print(f"progress is kept in {journal_path(args.out)}: rerun the same command to resume",
               file=sys.stderr)
@@ -117,7 +120,7 @@ def render(table: LatencyTable) -> str:
     rows = []
     for sig, entry in table.entries.items():
         keys = np.array(list(entry.points))
-        ms = [m.median_ms for m in entry.points.values()]
+        ms = [m.ms for m in entry.points.values()]
         rows.append([sig, len(entry.layers), len(entry.points),
                      _span(keys[:, 0]), _span(keys[:, 1]), min(ms), max(ms)])
     body = format_table(["signature", "layers", "points", "cin", "cout", "min ms", "max ms"],
@@ -159,7 +162,7 @@ def run_plot(args: argparse.Namespace) -> int:
     rows: dict[int, list[tuple[int, float, float, float]]] = {}
     for (cin, cout), m in sorted(entry.points.items()):
         rows.setdefault(0 if entry.diagonal else cin, []).append(
-            (cout, m.median_ms, m.p10_ms, m.p90_ms))
+            (cout, m.ms, m.p10_ms, m.p90_ms))
     cins = sorted(rows)
     shown = [cins[i] for i in np.unique(np.linspace(0, len(cins) - 1, min(4, len(cins)))
                                         .round().astype(int))]

@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: what the LUT was measured with)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved measurement rounds per architecture (median kept)")
+    p.add_argument("--calibration", choices=["affine", "constant"], default="affine",
+                   help="re-fit the calibration in this run on the dense and a half-width "
+                        "network (affine, default) or on the dense network alone (constant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--plot", default=None, help="write the predicted-vs-measured PNG here")
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     lut.check_backend(backend.describe())  # refuse a table from another device or precision
     model, x = model_from_args(args)
     report = verify(model, x, lut, backend, samples=args.samples, tolerance=args.tolerance,
-                    seed=args.seed, lut_path=args.lut, name=args.model)
+                    seed=args.seed, rounds=args.rounds, calibration=args.calibration,
+                    lut_path=args.lut, name=args.model)
     print(render(report))
     if args.report:
         atomic_write_json(args.report, report.to_dict())

@@ -1,0 +1,78 @@
+"""The whole `halp prune` path in a smoke configuration: real data, training, LUT, engines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.errors import HalpError
+from pipeline.prune import PruneConfig, run
+
+SHAPE = (1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[PruneConfig, dict]:
+    out = tmp_path_factory.mktemp("prune")
+    cfg = PruneConfig(model="resnet18", data="digits", input_shape=SHAPE, out=out / "run",
+                      threads=1, target=0.7, baseline_epochs=1, epochs=1, steps=2,
+                      lut_max_points=3, lut_cache=out / "luts", train_device="cpu")
+    return cfg, run(cfg, log=lambda _msg: None)
+
+
+def test_report_has_every_field(smoke: tuple[PruneConfig, dict]) -> None:
+    cfg, report = smoke
+    assert json.loads((cfg.out / "report.json").read_text()) == report
+    for side in ("dense", "pruned"):
+        assert set(report[side]) == {"params", "macs", "predicted_ms", "measured_ms", "top1"}
+        assert report[side]["measured_ms"] > 0 and 0 <= report[side]["top1"] <= 100
+    for key in ("target", "speedup_measured", "speedup_predicted", "backend", "wall_seconds"):
+        assert key in report
+    assert report["pruned"]["params"] < report["dense"]["params"]
+    assert (cfg.out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pruned_prediction_meets_target(smoke: tuple[PruneConfig, dict]) -> None:
+    _, report = smoke
+    assert report["pruned"]["predicted_ms"] <= report["target_ms"] * (1 + 1e-9)
+    assert report["target_ms"] == pytest.approx(0.7 * report["dense"]["predicted_ms"])
+
+
+def test_pruned_onnx_runs_and_matches_the_slim_model(smoke: tuple[PruneConfig, dict]) -> None:
+    cfg, _ = smoke
+    sess = ort.InferenceSession(str(cfg.out / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(*SHAPE)
+    slim = torch.load(cfg.out / "pruned.pt", weights_only=False).eval()
+    with torch.no_grad():
+        expected = slim(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == (1, 10)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    assert (cfg.out / "pruned.ort.onnx").is_file() and (cfg.out / "dense.ort.onnx").is_file()
+
+
+def test_rerun_reuses_baseline_lut_and_finetuning(smoke: tuple[PruneConfig, dict]) -> None:
+    cfg, first = smoke
+    lines: list[str] = []
+    again = run(cfg, log=lines.append)
+    assert any("(reused)" in line for line in lines)
+    # every stage restored from its checkpoint: no training epoch runs again
+    assert not any(line.startswith(("baseline epoch", "halp epoch")) for line in lines)
+    assert again["channels"] == first["channels"]
+
+
+def test_bad_arguments_fail_clearly(tmp_path: Path, capsys) -> None:
+    args = ["prune", "--model", "resnet18", "--data", "digits", "--input", "1x3x32x32",
+            "--out", str(tmp_path / "o"), "--lut", str(tmp_path / "missing.json")]
+    assert main(args) == 2
+    assert "missing.json" in capsys.readouterr().err
+    cfg = PruneConfig(model="resnet18", data="digits", input_shape=SHAPE, out=tmp_path / "p",
+                      steps=500, epochs=1, baseline_epochs=1, lut_cache=tmp_path / "l")
+    with pytest.raises(HalpError, match="do not fit"):
+        run(cfg, log=lambda _msg: None)

@@ -1,0 +1,102 @@
+"""`halp verify` end to end on a small model with real ONNX Runtime sessions and a real LUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from _pruner_support import INPUT, lut_path, make_model
+from pipeline.backends import get_backend
+from pipeline.cli import main
+from pipeline.errors import LutMismatch
+from pipeline.lut import LatencyTable
+from pipeline.verify import spearman, verify
+
+
+def test_spearman_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 6, 12).astype(float)  # ties included
+        b = a + rng.normal(0, 2, 12)
+        assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic)
+
+
+def _args(lut: Path, *extra: str) -> list[str]:
+    return ["verify", "--model", "resnet18", "--num-classes", "10",
+            "--input", "x".join(map(str, INPUT)), "--lut", str(lut), "--samples", "4", *extra]
+
+
+def test_verify_report_table_json_and_plot(tmp_path: Path, capsys) -> None:
+    model = make_model("resnet18")
+    backend = get_backend("onnxruntime", threads=1, warmup=1, repeats=3, warmup_ms=0)
+    lut = LatencyTable.load(lut_path("resnet18"), backend=backend)
+    report = verify(model, torch.randn(*INPUT), lut, backend, samples=4, rounds=1,
+                    progress=False, log=lambda _m: None)
+    assert len(report.samples) == 4
+    assert {s.kind.split("@")[0] for s in report.samples} == {"knapsack", "random"}
+    data = report.to_dict()
+    for key in ("mape", "max_abs_pct_error", "spearman", "samples"):
+        assert key in data
+    for sample in data["samples"]:
+        assert sample["predicted_ms"] > 0 and sample["measured_ms"] > 0 and sample["counts"]
+    assert data["mape"] == pytest.approx(np.mean([abs(s["error_pct"]) for s in data["samples"]]))
+
+    rc = main(_args(lut_path("resnet18"), "--tolerance", "1000", "--report",
+                    str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")))
+    out = capsys.readouterr().out
+    assert rc == 0 and "mean abs error" in out and "PASS" in out
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_exit_code_follows_tolerance(capsys) -> None:
+    assert main(_args(lut_path("resnet18"), "--tolerance", "0")) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_broken_or_foreign_lut_refused_before_measuring(tmp_path: Path, capsys) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text(lut_path("resnet18").read_text()[:200])
+    assert main(_args(broken)) == 2
+    assert "halp verify: error" in capsys.readouterr().err
+
+    foreign = tmp_path / "foreign.json"
+    data = json.loads(lut_path("resnet18").read_text())
+    data["meta"]["device_key"] = "cpu-arm-cortex-a78ae-t1"  # a Jetson Orin CPU
+    foreign.write_text(json.dumps(data))
+    assert main(_args(foreign)) == 2
+    assert "device_key" in capsys.readouterr().err
+
+    other_model = tmp_path / "other.json"
+    shutil.copy(lut_path("small"), other_model)
+    assert main(_args(other_model)) == 2
+    assert "has no entry" in capsys.readouterr().err
+
+
+def test_lut_for_another_backend_is_refused() -> None:
+    lut = LatencyTable.load(lut_path("resnet18"))
+    with pytest.raises(LutMismatch, match="precision"):
+        lut.check_backend({"backend": "onnxruntime", "precision": "fp16"})
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1",
+                    reason="set HALP_TENSORRT=1 on a machine with TensorRT and an NVIDIA GPU")
+def test_verify_on_tensorrt(tmp_path: Path) -> None:
+    """Hardware regression: the same check on a TensorRT LUT built here."""
+    from pipeline.lut import build_lut
+    from pipeline.structure import analyze
+
+    model, x = make_model("resnet18"), torch.randn(*INPUT)
+    backend = get_backend("tensorrt", os.environ.get("HALP_PRECISION", "fp16"))
+    lut = build_lut(analyze(model, x), backend, max_points=4, out=tmp_path / "trt.json",
+                    model=model, example_input=x, progress=False)
+    report = verify(model, x, lut, backend, samples=12, progress=False)
+    assert report.mape <= 10.0 and report.spearman >= 0.9, report.to_dict()
