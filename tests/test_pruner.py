@@ -20,15 +20,6 @@ from pipeline.slim import check_equivalent
 from pipeline.structure import NetworkSpec, analyze
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _lut(name: str) -> LatencyTable:
     return LatencyTable.load(lut_path(name))
 

@@ -20,15 +20,6 @@ from pipeline.slim import (
 from pipeline.structure import analyze
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ConcatNet(nn.Module):
     """Concatenation (input offsets), a depthwise conv and flatten → linear (input expansion)."""
 

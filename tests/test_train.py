@@ -38,15 +38,6 @@ def digits():
     return load_data("digits", (1, 3, 16, 16), batch_size=32, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches gain nothing from threads, and OpenMP threads crawl on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _shuffled(dataset, count: int, batch_size: int) -> DataLoader:
     """Shuffled batches of real digits, with the epoch sampler `load_data` uses."""
     return DataLoader(Subset(dataset, range(count)), batch_size=batch_size,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
 from _pruner_support import INPUT, lut_path, make_model
+
 from pipeline.backends import get_backend
 from pipeline.cli import main
 from pipeline.errors import LutMismatch
