@@ -496,7 +496,7 @@ def build_lut(
     spec: NetworkSpec,
     backend: Backend,
     *,
-    step: int = 8,
+    step: int | None = None,
     max_points: int | None = None,
     out: str | Path,
     model: nn.Module | None = None,
@@ -518,6 +518,7 @@ def build_lut(
     whose speed drifts over minutes (shared hosts, thermal throttling) each entry then sees the
     same mix of fast and slow spells, so entries stay comparable with each other.
     """
+    step = step or backend.default_step
     if step < 1 or passes < 1 or (max_points is not None and max_points < 2):
         raise HalpError(f"step and passes must be >= 1 and max_points >= 2 (got step={step}, "
                         f"passes={passes}, max_points={max_points})")

@@ -56,7 +56,7 @@ class PruneConfig:
     lr: float = 0.05
     finetune_lr: float = 0.01
     batch_size: int = 64
-    lut_step: int = 8
+    lut_step: int | None = None  # None: the backend's channel block (also the pruning unit)
     lut_max_points: int | None = 6
     seed: int = 0
     lut_cache: Path = Path("luts/cache")  # where --lut auto keeps tables, keyed by device

@@ -41,9 +41,10 @@ from .lut import LatencyTable
 from .slim import MaskEntries, dependency_graph, mask_entries, mask_plan, slim, zero_entries
 from .structure import LayerSpec, NetworkSpec, analyze
 
-#: channels per pruning unit: TensorRT kernels and CPU SIMD (AVX2/AVX-512, NEON) process
-#: channels in blocks of 8 (FP16/INT8 tensor cores need multiples of 8), so counts that are not
-#: multiples of 8 pay for the padding without the accuracy; override per group with ``unit=``
+#: channels per pruning unit when the LUT does not name its grid step: TensorRT kernels and CPU
+#: SIMD process channels in blocks of 8 or 16 (FP16/INT8 tensor cores need multiples of 8), so
+#: counts between blocks pay for the padding without the accuracy. By default the unit is the
+#: LUT's step (the backend's channel block); override per group with ``unit=``
 DEFAULT_UNIT = 8
 #: re-solves with a tightened budget before the greedy fallback takes over
 MAX_TIGHTEN = 12
@@ -80,11 +81,11 @@ def first_layer(model: nn.Module, example_input: torch.Tensor) -> str | None:
     return seen[0] if seen else None
 
 
-def _units(unit: int | Mapping[int, int] | None, spec: NetworkSpec,
-           groups: list[int]) -> dict[int, int]:
+def _units(unit: int | Mapping[int, int] | None, spec: NetworkSpec, groups: list[int], *,
+           default: int = DEFAULT_UNIT) -> dict[int, int]:
     """Channels per unit for each prunable group, clipped to the group size."""
     per = dict(unit) if isinstance(unit, Mapping) else {}
-    default = DEFAULT_UNIT if unit is None or isinstance(unit, Mapping) else unit
+    default = default if unit is None or isinstance(unit, Mapping) else unit
     unknown = sorted(set(per) - set(groups))
     if unknown:
         raise HalpError(f"unit= names groups {unknown} that are not prunable; prunable groups "
@@ -165,7 +166,8 @@ class HalpPruner:
         if not self._groups:
             raise HalpError("the model has no prunable channel groups (all reach the output, "
                             "are grouped convolutions or are ignored); see `halp analyze`")
-        self._units = _units(unit, self.spec, self._groups)
+        self._units = _units(unit, self.spec, self._groups,
+                             default=int(lut.meta.get("step") or DEFAULT_UNIT))
         self._choices = {g: _choices(self.spec.group(g).channels, u)
                          for g, u in self._units.items()}
         self._charged = {g: [la for la in self.spec.layers if la.out_group == g]

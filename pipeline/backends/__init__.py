@@ -40,6 +40,7 @@ BACKENDS = {
 class Backend(Protocol):
     name: str  # "onnxruntime" | "torch" | "tensorrt"
     precision: str  # "fp32" | "fp16"
+    default_step: int  # channel granularity of the device's kernels: LUT step, pruning unit
 
     def describe(self) -> dict:
         """backend, precision, device, device_key, versions, threads, settings: LUT metadata."""

@@ -24,6 +24,7 @@ from .timing import (
     default_threads,
     host_timer,
     measure,
+    simd_channels,
     slug,
 )
 
@@ -66,6 +67,8 @@ class OnnxRuntimeBackend(OnnxBackend):
             "p10" if device == "cpu" else "median")
         self.device = device
         self.threads = threads or default_threads()
+        #: LUT grid step and pruning unit: the kernel's channel block (CUDA EP: tensor cores' 8)
+        self.default_step = simd_channels() if device == "cpu" else 8
 
     def _session(self, data: bytes, profile_prefix: str | None = None) -> ort.InferenceSession:
         opts = ort.SessionOptions()

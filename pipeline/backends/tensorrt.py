@@ -115,6 +115,8 @@ class TensorRTBackend(OnnxBackend):
         self.cuda = _cuda()
         self.precision = precision
         self.settings = (settings or TimingSettings()).resolved("median")
+        #: LUT grid step and pruning unit: FP16/INT8 tensor-core kernels take channels in 8s
+        self.default_step = 8
 
     def time_plan(self, plan: bytes, inputs: dict[str, np.ndarray]) -> Measurement:
         """Time a serialized engine (e.g. one written by :func:`build_engine`)."""

@@ -23,6 +23,7 @@ from .timing import (
     default_threads,
     host_timer,
     measure,
+    simd_channels,
     slug,
 )
 
@@ -74,6 +75,8 @@ class TorchBackend:
         self.settings = (settings or TimingSettings()).resolved(
             "p10" if self.device.type == "cpu" else "median")
         self.threads = threads or default_threads()
+        #: LUT grid step and pruning unit: oneDNN's channel block on CPU, tensor cores' 8 on GPU
+        self.default_step = simd_channels() if self.device.type == "cpu" else 8
 
     @contextmanager
     def _pinned(self) -> Iterator[None]:

@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(b)
     b.add_argument("--backend", required=True, choices=BACKENDS)
     b.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    b.add_argument("--step", type=_positive, default=8,
-                   help="channel grid step for prunable sides (default 8)")
+    b.add_argument("--step", type=_positive, default=None,
+                   help="channel grid step for prunable sides (default: the backend's channel "
+                        "block, 16 on AVX-512 CPUs, else 8); also the pruning unit")
     b.add_argument("--max-points", type=_positive, default=None,
                    help="at most this many grid points per channel axis (coarser, faster)")
     b.add_argument("--passes", type=_positive, default=1,
