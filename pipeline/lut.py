@@ -574,7 +574,7 @@ def build_lut(
     if measured:
         lut_ms = {name: sum(table.layer_latencies(spec, counts, calibrated=False).values())
                   for name, counts, _ in refs}
-        cal = fit(*((lut_ms[name], measured[name].ms) for name, _, _ in refs))
+        cal = fit(*((lut_ms[name], measured[name].ms) for name, _, _ in refs))  # dense first
         table.dense_ms, table.scale, table.constant_ms = (measured["dense"].ms, cal.scale,
                                                           cal.constant_ms)
         meta["calibration"] = {name: {"lut_ms": lut_ms[name], "measured_ms": measured[name].ms,

@@ -186,7 +186,7 @@ def verify(
     if calibration not in ("affine", "constant"):
         raise HalpError(f"calibration {calibration!r} is not 'affine' or 'constant'")
     refs = references(model, example_input, spec, step=int(lut.meta.get("step") or 8))
-    refs = refs[: 2 if calibration == "affine" else 1]
+    refs = refs if calibration == "affine" else refs[:1]
     variants = list(refs)
     for kind, counts in tqdm(plans, desc="slim", unit="arch", disable=not progress):
         keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
