@@ -57,7 +57,8 @@ class PruneConfig:
     finetune_lr: float = 0.01
     batch_size: int = 64
     lut_step: int | None = None  # None: the backend's channel block (also the pruning unit)
-    lut_max_points: int | None = 6
+    lut_max_points: int | None = 8
+    lut_passes: int = 1
     seed: int = 0
     lut_cache: Path = Path("luts/cache")  # where --lut auto keeps tables, keyed by device
     train_device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available()
@@ -161,11 +162,14 @@ def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module
         return lut
     desc = backend.describe()
     shape = "x".join(map(str, cfg.input_shape))
+    step = cfg.lut_step or backend.default_step
+    # every build setting in the name: a cached table is reused only for the same build
     path = Path(cfg.lut_cache) / (f"{slug(cfg.model)}-{shape}-{desc['backend']}-"
-                                  f"{desc['precision']}-{desc['device_key']}.json")
+                                  f"{desc['precision']}-{desc['device_key']}-s{step}"
+                                  f"-p{cfg.lut_max_points or 'all'}-x{cfg.lut_passes}.json")
     log(f"LUT cache: {path}" + (" (reused)" if path.is_file() else " (building)"))
-    return build_lut(spec, backend, step=cfg.lut_step, max_points=cfg.lut_max_points, out=path,
-                     model=model, example_input=x)
+    return build_lut(spec, backend, step=step, max_points=cfg.lut_max_points, out=path,
+                     model=model, example_input=x, passes=cfg.lut_passes)
 
 
 def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable, data: Any,
