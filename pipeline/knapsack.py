@@ -177,6 +177,20 @@ def _vector(x: ArrayLike, name: str) -> np.ndarray:
     return a
 
 
+def _flat(arrays: Sequence[ArrayLike], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """All groups' entries in one float array, and each group's length; one validation pass
+    over the whole instance (the pruner solves thousands of these)."""
+    parts = [np.asarray(x, dtype=np.float64) for x in arrays]
+    if (g := _first(np.array([p.ndim != 1 for p in parts]))) is not None:
+        raise HalpError(f"{name}[{g}] must be a 1-D array, got shape {parts[g].shape}")
+    sizes = np.array([len(p) for p in parts])
+    flat = np.concatenate(parts)
+    if (i := _first(~np.isfinite(flat))) is not None:
+        g = int(np.searchsorted(np.cumsum(sizes), i, side="right"))
+        raise HalpError(f"{name}[{g}] contains NaN or infinity; pass finite numbers")
+    return flat, sizes
+
+
 def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
     """Validate the instance and flatten it."""
     if len(values) == 0:
@@ -184,24 +198,24 @@ def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
     if len(values) != len(costs):
         raise HalpError(f"{len(values)} value arrays but {len(costs)} cost arrays; "
                         "pass one of each per group")
-    vals = [_vector(v, f"values[{g}]") for g, v in enumerate(values)]
-    csts = [_vector(c, f"costs[{g}]") for g, c in enumerate(costs)]
-    sizes = np.array([len(v) for v in vals])
+    vals, sizes = _flat(values, "values")
+    csts, cost_sizes = _flat(costs, "costs")
     if (g := _first(sizes == 0)) is not None:
         raise HalpError(f"values[{g}] is empty; each group needs at least the entry for k = 0")
-    if (g := _first(sizes != [len(c) for c in csts])) is not None:
-        raise HalpError(f"group {g}: {sizes[g]} values but {len(csts[g])} costs; both are "
+    if (g := _first(sizes != cost_sizes)) is not None:
+        raise HalpError(f"group {g}: {sizes[g]} values but {cost_sizes[g]} costs; both are "
                         "indexed by the number of units kept, k = 0..K")
-    gid = np.repeat(np.arange(len(vals)), sizes)
+    gid = np.repeat(np.arange(len(sizes)), sizes)
     table = _Table.of(gid, np.arange(len(gid)) - np.repeat(np.cumsum(sizes) - sizes, sizes),
-                      np.concatenate(vals), np.concatenate(csts))
+                      vals, csts)
     if (g := _first(table.v[table.starts] != 0)) is not None:
-        raise HalpError(f"group {g}: values[{g}][0] is {vals[g][0]:.6g}; keeping no units is "
-                        "worth 0 (subtract it from the group's values)")
+        raise HalpError(f"group {g}: values[{g}][0] is {table.v[table.starts[g]]:.6g}; keeping "
+                        "no units is worth 0 (subtract it from the group's values)")
     if (i := _first((np.diff(table.v) < 0) & (np.diff(gid) == 0))) is not None:
         g, k = int(gid[i + 1]), int(table.k[i + 1])
-        raise HalpError(f"group {g}: values decrease at k={k} ({vals[g][k - 1]:.6g} -> "
-                        f"{vals[g][k]:.6g}); values must be cumulative sums of saliencies >= 0")
+        raise HalpError(f"group {g}: values decrease at k={k} ({table.v[i]:.6g} -> "
+                        f"{table.v[i + 1]:.6g}); values must be cumulative sums of saliencies "
+                        ">= 0")
     return table
 
 
