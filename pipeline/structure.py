@@ -221,6 +221,10 @@ def _op_kind(m: nn.Module) -> str:
     raise UnsupportedLayer(f"{type(m).__name__} is not a conv or linear layer")
 
 
+def _out_channels(m: nn.Module) -> int:
+    return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+
+
 def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
 
@@ -407,9 +411,14 @@ def analyze(
         if hit:
             reasons.append(f"ignored layer {hit[0]}")
         root = group[0].dep.target.module
+        channels = _out_channels(root)
+        odd = [p for p in producers if _out_channels(modules[p]) != channels]
+        if odd:  # e.g. the raw network input concatenated with branch outputs
+            reasons.append(f"Torch-Pruning maps {odd[0]} ({_out_channels(modules[odd[0]])} "
+                           f"channels) into a {channels}-channel group")
         groups.append(ChannelGroup(
             id=gid,
-            channels=int(root.out_features if isinstance(root, nn.Linear) else root.out_channels),
+            channels=channels,
             producers=producers,
             consumers=list(dict.fromkeys(consumers)),
             norms=list(dict.fromkeys(norms)),

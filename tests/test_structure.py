@@ -216,3 +216,26 @@ def test_fused_activation_detected_even_as_last_op(act: nn.Module, name: str | N
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act)
     layer = analyze(model, torch.randn(1, 3, 8, 8)).layers[0]
     assert (layer.act, layer.bias) == (name, True)
+
+
+class _InputConcat(nn.Module):
+    """Concatenates the raw network input with two branches (Torch-Pruning mis-maps this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.c = nn.Conv2d(43, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.a(x), self.b(x), x], 1))
+
+
+def test_inconsistent_channel_mapping_is_left_unpruned() -> None:
+    spec = analyze(_InputConcat(), torch.randn(1, 3, 8, 8))
+    bad = [g for g in spec.groups if "maps a.0 (16 channels)" in (g.reason or "")]
+    assert len(bad) == 1 and not bad[0].prunable
+    for layer in spec.layers:
+        assert layer.cin == sum(c for _, c in layer.in_sources)
+        if layer.out_group is not None:
+            assert layer.cout == spec.group(layer.out_group).channels
