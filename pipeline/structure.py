@@ -412,10 +412,13 @@ def analyze(
             reasons.append(f"ignored layer {hit[0]}")
         root = group[0].dep.target.module
         channels = _out_channels(root)
-        odd = [p for p in producers if _out_channels(modules[p]) != channels]
-        if odd:  # e.g. the raw network input concatenated with branch outputs
-            reasons.append(f"Torch-Pruning maps {odd[0]} ({_out_channels(modules[odd[0]])} "
-                           f"channels) into a {channels}-channel group")
+        # producers holding part of the group must partition it (a concatenation); anything
+        # else is a mapping Torch-Pruning got wrong, e.g. the raw input inside a concatenation
+        partial = [p for p in producers if _out_channels(modules[p]) != channels]
+        if partial and sum(_out_channels(modules[p]) for p in partial) != channels:
+            reasons.append(f"Torch-Pruning maps {partial[0]} "
+                           f"({_out_channels(modules[partial[0]])} channels) into a "
+                           f"{channels}-channel group")
         groups.append(ChannelGroup(
             id=gid,
             channels=channels,
