@@ -133,6 +133,10 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
 
 
 def _backend(cfg: PruneConfig) -> Backend:
+    if cfg.backend not in engine.ENGINE_SUFFIX:  # checked before any training starts
+        raise HalpError(f"halp prune deploys through an engine: use backend "
+                        f"{' or '.join(engine.ENGINE_SUFFIX)} (the {cfg.backend} backend is for "
+                        "LUTs and research)")
     options = {"threads": cfg.threads} if cfg.threads and cfg.backend != "tensorrt" else {}
     return get_backend(cfg.backend, cfg.precision, **options)
 
@@ -195,9 +199,6 @@ def _export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: 
                       name: str) -> engine.Engine:
     onnx_path = out / f"{name}.onnx"
     to_onnx(model, x, onnx_path)  # checked against torch: a mismatch stops the run here
-    if backend.name == "torch":
-        raise HalpError("halp prune deploys through an engine: use --backend onnxruntime or "
-                        "tensorrt (the torch backend is for LUTs and research)")
     return engine.build(onnx_path, backend, out, name=name)
 
 
