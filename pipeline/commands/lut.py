@@ -12,9 +12,13 @@ from ..errors import HalpError
 from ..fsio import atomic_write_bytes
 from ..lut import LatencyTable, LutEntry, build_lut, journal_path
 from ..structure import analyze
-from .common import add_model_args, format_table, model_from_args
-
-BACKENDS = ["onnxruntime", "torch", "tensorrt"]
+from .common import (
+    add_backend_args,
+    add_model_args,
+    backend_from_args,
+    format_table,
+    model_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = actions.add_parser("build", help="measure a model's layers on a backend (resumable)",
                            description=build_lut.__doc__)
     add_model_args(b)
-    b.add_argument("--backend", required=True, choices=BACKENDS)
-    b.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    add_backend_args(b)
     b.add_argument("--step", type=_positive, default=None,
                    help="channel grid step for prunable sides (default: the backend's channel "
                         "block, 16 on AVX-512 CPUs, else 8); also the pruning unit")
@@ -35,9 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--passes", type=_positive, default=1,
                    help="measure every point this many times, in separately shuffled passes, "
                         "and keep the median (steadier tables on shared or throttling machines)")
-    b.add_argument("--threads", type=_positive, default=None, help="CPU threads (CPU backends)")
-    b.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="device for onnxruntime/torch (default: the backend's)")
     b.add_argument("--out", required=True, help="table to write (JSON); journal beside it")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
@@ -68,13 +68,9 @@ def _positive(text: str) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ..backends import get_backend  # only `build` needs a runtime
-
     if args.max_points is not None and args.max_points < 2:
         raise HalpError("--max-points must be at least 2 (the smallest and the full count)")
-    options = {k: v for k, v in (("threads", args.threads), ("device", args.device))
-               if v is not None}
-    backend = get_backend(args.backend, args.precision, **options)
+    backend = backend_from_args(args)
     model, x = model_from_args(args)
     spec = analyze(model, x, name=args.model)
     try:
