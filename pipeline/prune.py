@@ -7,7 +7,6 @@ where it stopped and a second run with the same settings reuses the baseline and
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable
@@ -24,9 +23,10 @@ from .backends.timing import median_of, slug
 from .data import load_data
 from .errors import HalpError
 from .export import to_onnx
-from .fsio import atomic_write_bytes, atomic_write_json
+from .fsio import atomic_write_json
 from .lut import LatencyTable, build_lut
 from .models import load_checkpoint, load_model
+from .plotting import save_png, subplots
 from .pruner import HalpPruner
 from .structure import NetworkSpec, analyze
 from .train import evaluate, fit
@@ -234,15 +234,10 @@ def render(report: dict[str, Any]) -> str:
 def _plot(lut: LatencyTable, dense: NetworkSpec, pruned: NetworkSpec, report: dict[str, Any],
           path: Path) -> None:
     """Per-layer LUT latency, dense vs pruned, with the measured totals in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     before = lut.layer_latencies(dense)
     after = lut.layer_latencies(pruned)
     names = list(before)
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4), dpi=110)
+    fig, ax = subplots(figsize=(max(6, 0.28 * len(names)), 4), dpi=110)
     idx = range(len(names))
     ax.bar([i - 0.2 for i in idx], [before[n] for n in names], 0.4, label="dense")
     ax.bar([i + 0.2 for i in idx], [after.get(n, 0.0) for n in names], 0.4, label="pruned")
@@ -253,9 +248,5 @@ def _plot(lut: LatencyTable, dense: NetworkSpec, pruned: NetworkSpec, report: di
                  f"ms ({report['speedup_measured']:.2f}x; predicted "
                  f"{report['speedup_predicted']:.2f}x)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 

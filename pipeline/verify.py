@@ -32,6 +32,7 @@ from .calibration import fit, references
 from .errors import HalpError
 from .export import to_onnx
 from .lut import LatencyTable
+from .plotting import save_png, subplots
 from .pruner import HalpPruner
 from .slim import slim
 from .structure import NetworkSpec
@@ -258,19 +259,10 @@ def render(report: VerifyReport) -> str:
 
 def plot(report: VerifyReport, path: str | Path) -> Path:
     """Predicted vs measured scatter with the y = x line and the tolerance band."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    from .fsio import atomic_write_bytes
-
     pred = np.array([s.predicted_ms for s in report.samples])
     meas = np.array([s.measured_ms for s in report.samples])
     lo, hi = 0.9 * min(pred.min(), meas.min()), 1.1 * max(pred.max(), meas.max())
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    fig, ax = subplots(figsize=(5, 5), dpi=120)
     line = np.linspace(lo, hi, 2)
     ax.plot(line, line, "k-", lw=1, label="predicted = measured")
     ax.fill_between(line, line * (1 - report.tolerance), line * (1 + report.tolerance),
@@ -282,9 +274,5 @@ def plot(report: VerifyReport, path: str | Path) -> Path:
     ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured ms", ylabel="predicted ms",
            title=f"{report.model}: MAPE {report.mape:.1f}%, ρ {report.spearman:.2f}")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from .timing import (
     measure,
     simd_channels,
     slug,
+    warm_up,
 )
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -116,23 +115,12 @@ class OnnxRuntimeBackend(OnnxBackend):
         with tempfile.TemporaryDirectory(prefix="halp-ort-") as tmp:
             sess = self._session(data, profile_prefix=str(Path(tmp) / "layer"))
             binding = self._binding(sess, {"x": layer_input(layer, cin)})
-            warm, inner = self._warm_up(lambda: sess.run_with_iobinding(binding))
+            warm, inner = warm_up(host_timer(lambda: sess.run_with_iobinding(binding)),
+                                  self.settings)
             for _ in range(self.settings.repeats * inner):
                 sess.run_with_iobinding(binding)
             events = json.loads(Path(sess.end_profiling()).read_text())
         return _kernel_measurement(events, skip=warm + 1, settings=self.settings, inner=inner)
-
-    def _warm_up(self, run: object) -> tuple[int, int]:
-        """Run the warm-up of the timing protocol; (runs done, runs per sample)."""
-        settings, times = self.settings, []
-        start = time.perf_counter()
-        while len(times) < max(settings.warmup, 1) or (
-                (time.perf_counter() - start) * 1e3 < settings.warmup_ms):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-        per_run = max(float(np.median(sorted(times)[: max(1, len(times) // 2)])), 1e-6)
-        return len(times), max(1, math.ceil(settings.min_sample_ms / per_run))
 
     def describe(self) -> dict:
         if self.device == "cpu":

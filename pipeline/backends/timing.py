@@ -107,8 +107,8 @@ class TimingSettings:
         return tuple(f.name for f in fields(cls))
 
 
-def measure(time_batch: BatchTimer, settings: TimingSettings) -> Measurement:
-    """Warm up, size the inner batch from the warm-up, then take ``settings.repeats`` samples."""
+def warm_up(time_batch: BatchTimer, settings: TimingSettings) -> tuple[int, int]:
+    """Run the protocol's warm-up; returns (runs done, back-to-back runs per sample)."""
     warm: list[float] = []
     start = time.perf_counter()
     while len(warm) < max(settings.warmup, 1) or (
@@ -117,7 +117,12 @@ def measure(time_batch: BatchTimer, settings: TimingSettings) -> Measurement:
         warm.append(time_batch(1))
     # the faster half of the warm-up estimates the steady-state time of one run
     per_run = max(float(np.median(sorted(warm)[: max(1, len(warm) // 2)])), 1e-6)
-    inner = max(1, math.ceil(settings.min_sample_ms / per_run))
+    return len(warm), max(1, math.ceil(settings.min_sample_ms / per_run))
+
+
+def measure(time_batch: BatchTimer, settings: TimingSettings) -> Measurement:
+    """Warm up, size the inner batch from the warm-up, then take ``settings.repeats`` samples."""
+    _, inner = warm_up(time_batch, settings)
     samples = [time_batch(inner) / inner for _ in range(settings.repeats)]
     return Measurement.from_samples(samples, inner, settings.statistic)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 
 import numpy as np
 
 from ..errors import HalpError
-from ..fsio import atomic_write_bytes
 from ..lut import LatencyTable, LutEntry, build_lut, journal_path
+from ..plotting import save_png, subplots
 from ..structure import analyze
 from .common import (
     add_backend_args,
@@ -149,11 +148,6 @@ def _pick(table: LatencyTable, layer: str | None) -> tuple[str, LutEntry]:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = LatencyTable.load(args.file)
     sig, entry = _pick(table, args.layer)
     rows: dict[int, list[tuple[int, float, float, float]]] = {}
@@ -163,7 +157,7 @@ def run_plot(args: argparse.Namespace) -> int:
     cins = sorted(rows)
     shown = [cins[i] for i in np.unique(np.linspace(0, len(cins) - 1, min(4, len(cins)))
                                         .round().astype(int))]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = subplots(figsize=(8, 4.5))
     for cin in shown:
         cout, med, p10, p90 = np.array(rows[cin]).T
         label = "depthwise (cin = cout)" if entry.diagonal else f"cin = {cin}"
@@ -176,10 +170,6 @@ def run_plot(args: argparse.Namespace) -> int:
                  f" — {meta['backend']} {meta['precision']} on {meta.get('device')}", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(args.out, buf.getvalue())
+    save_png(fig, args.out, dpi=120)
     print(f"wrote {args.out} ({sig}: {len(entry.points)} points)")
     return 0

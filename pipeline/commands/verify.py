@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
                    "device": args.device or ("cuda" if on_gpu else None)}
         options = {k: v for k, v in options.items() if v is not None}
     backend = get_backend(meta["backend"], meta["precision"], **options)
-    lut.check_backend(backend.describe())  # refuse a table from another device or precision
     model, x = model_from_args(args)
     report = verify(model, x, lut, backend, samples=args.samples, tolerance=args.tolerance,
                     seed=args.seed, rounds=args.rounds, calibration=args.calibration,
