@@ -70,7 +70,12 @@ def solve(
     Raises InfeasibleBudget (with ``.minimum``) when even the cheapest choice exceeds the
     budget, and HalpError for malformed input.
     """
-    table = _table(values, costs)
+    return _solve_table(_table(values, costs), budget, min_keep, resolution)
+
+
+def _solve_table(table: _Table, budget: float, min_keep: int | ArrayLike | None,
+                 resolution: float | None) -> Solution:
+    """``solve`` on an instance already validated and flattened."""
     if math.isnan(budget):
         raise HalpError("the latency budget is NaN; pass a number of milliseconds")
     if resolution is not None and not (math.isfinite(resolution) and resolution > 0):
@@ -120,24 +125,8 @@ def solve_units(
     its first k latency deltas; ``base_cost`` is the latency of everything no group owns and is
     included in the budget check and in ``Solution.cost``.
     """
-    if len(unit_saliency) != len(unit_latency_delta):
-        raise HalpError(
-            f"{len(unit_saliency)} groups of saliencies but {len(unit_latency_delta)} groups of "
-            "latency deltas; pass one array of each per group"
-        )
-    if not math.isfinite(base_cost):
-        raise HalpError(f"base_cost must be a finite latency, got {base_cost}")
-    values, costs = [], []
-    for g, (s, d) in enumerate(zip(unit_saliency, unit_latency_delta, strict=True)):
-        s, d = _vector(s, f"unit_saliency[{g}]"), _vector(d, f"unit_latency_delta[{g}]")
-        if len(s) != len(d):
-            raise HalpError(f"group {g}: {len(s)} unit saliencies but {len(d)} latency deltas; "
-                            "pass one of each per unit")
-        if (s < 0).any():
-            raise HalpError(f"group {g}: unit saliencies must be >= 0 (got {s.min():.6g})")
-        values.append(np.concatenate(([0.0], np.cumsum(s))))
-        costs.append(np.concatenate(([0.0], np.cumsum(d))) + (base_cost if g == 0 else 0.0))
-    return solve(values, costs, budget, min_keep=min_keep, resolution=resolution)
+    table = _unit_table(unit_saliency, unit_latency_delta, base_cost)
+    return _solve_table(table, budget, min_keep, resolution)
 
 
 @dataclass(frozen=True)
@@ -165,16 +154,6 @@ class _Table:
     def solution(self, keep: np.ndarray) -> Solution:
         value = math.fsum(self.v[self.starts + keep].tolist())
         return Solution(keep=keep.astype(np.int64), value=value, cost=self.cost(keep))
-
-
-def _vector(x: ArrayLike, name: str) -> np.ndarray:
-    """A finite 1-D float array, or a HalpError naming ``name``."""
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 1:
-        raise HalpError(f"{name} must be a 1-D array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise HalpError(f"{name} contains NaN or infinity; pass finite numbers")
-    return a
 
 
 def _flat(arrays: Sequence[ArrayLike], name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +196,40 @@ def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
                         f"{table.v[i + 1]:.6g}); values must be cumulative sums of saliencies "
                         ">= 0")
     return table
+
+
+def _unit_table(saliency: Sequence[ArrayLike], delta: Sequence[ArrayLike],
+                base_cost: float) -> _Table:
+    """Validate the paper's per-unit view and flatten it into cumulative choices.
+
+    Each group's running sums are taken along the rows of one zero-padded matrix, so they are
+    the same sequential float sums as a per-group ``np.cumsum``, without a loop over groups.
+    """
+    if len(saliency) != len(delta):
+        raise HalpError(f"{len(saliency)} groups of saliencies but {len(delta)} groups of "
+                        "latency deltas; pass one array of each per group")
+    if len(saliency) == 0:
+        raise HalpError("no groups given: pass at least one saliency/delta array")
+    if not math.isfinite(base_cost):
+        raise HalpError(f"base_cost must be a finite latency, got {base_cost}")
+    sal, sizes = _flat(saliency, "unit_saliency")
+    lat, lat_sizes = _flat(delta, "unit_latency_delta")
+    if (g := _first(sizes != lat_sizes)) is not None:
+        raise HalpError(f"group {g}: {sizes[g]} unit saliencies but {lat_sizes[g]} latency "
+                        "deltas; pass one of each per unit")
+    if (i := _first(sal < 0)) is not None:
+        g = int(np.searchsorted(np.cumsum(sizes), i, side="right"))
+        raise HalpError(f"group {g}: unit saliencies must be >= 0 (got {sal[i]:.6g})")
+    k = np.arange(int(sizes.max()) + 1)
+    units, rows = (k >= 1) & (k <= sizes[:, None]), k <= sizes[:, None]
+    padded = np.zeros((len(sizes), len(k)))
+    padded[units] = sal
+    v = np.cumsum(padded, axis=1)[rows]
+    padded[units] = lat
+    padded[0, 0] = base_cost
+    c = np.cumsum(padded, axis=1)[rows]
+    gid = np.repeat(np.arange(len(sizes)), sizes + 1)
+    return _Table.of(gid, np.broadcast_to(k, rows.shape)[rows], v, c)
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -357,27 +370,30 @@ def _dp(t: _Table, capacity: int, rate: float, need: float) -> np.ndarray:
     need -= math.fsum(np.delete(t.v[t.starts], free).tolist())
     later = _slack(t, rate)[free]
     rest = later.sum() - np.cumsum(later)  # what the free groups after each one can add
-    rows = [slice(t.starts[g], ends[g]) for g in free.tolist()]
+    weights, values = t.c.tolist(), t.v.tolist()
+    choices = [(weights[t.starts[g]:ends[g]], values[t.starts[g]:ends[g]])
+               for g in free.tolist()]
     lo, dp = 0, np.zeros(1)
     history = []
-    for r, after in zip(rows, rest.tolist(), strict=True):
+    for (w, v), after in zip(choices, rest.tolist(), strict=True):
         history.append((lo, dp))
-        lo, dp = _stage(lo, dp, t.c[r], t.v[r], capacity, rate, after, need)
+        lo, dp = _stage(lo, dp, w, v, capacity, rate, after, need)
     cell = lo + int(np.argmax(dp))
-    for g, r, (lo, dp) in zip(free[::-1].tolist(), rows[::-1], history[::-1], strict=True):
-        j = _predecessor(cell, lo, dp, t.c[r], t.v[r])
-        keep[g], cell = t.k[r][j], cell - int(t.c[r][j])
+    for g, (w, v), (lo, dp) in zip(free[::-1].tolist(), choices[::-1], history[::-1],
+                                   strict=True):
+        j = _predecessor(cell, lo, dp, w, v)
+        keep[g], cell = t.k[t.starts[g] + j], cell - w[j]
     return keep
 
 
-def _stage(lo: int, dp: np.ndarray, w: np.ndarray, v: np.ndarray, capacity: int, rate: float,
+def _stage(lo: int, dp: np.ndarray, w: list[int], v: list[float], capacity: int, rate: float,
            after: float, need: float) -> tuple[int, np.ndarray]:
     """Add one group to the DP, then trim states that cannot reach ``need``.
 
     ``after`` plus ``rate`` times the room left bounds what the later groups can still add.
     """
-    new = np.full(min(lo + len(dp) - 1 + int(w[-1]), capacity) - lo + 1, -np.inf)
-    for wk, vk in zip(w.tolist(), v.tolist(), strict=True):
+    new = np.full(min(lo + len(dp) - 1 + w[-1], capacity) - lo + 1, -np.inf)
+    for wk, vk in zip(w, v, strict=True):
         n = min(len(dp), len(new) - wk)
         if n <= 0:
             break
@@ -388,8 +404,14 @@ def _stage(lo: int, dp: np.ndarray, w: np.ndarray, v: np.ndarray, capacity: int,
     return lo + int(alive[0]), new[alive[0]:alive[-1] + 1]
 
 
-def _predecessor(cell: int, lo: int, dp: np.ndarray, w: np.ndarray, v: np.ndarray) -> int:
-    """The choice that produced the best value at ``cell``: same float sums, same maximum."""
-    idx = cell - w - lo
-    ok = (idx >= 0) & (idx < len(dp))
-    return int(np.argmax(np.where(ok, dp[np.clip(idx, 0, len(dp) - 1)] + v, -np.inf)))
+def _predecessor(cell: int, lo: int, dp: np.ndarray, w: list[int], v: list[float]) -> int:
+    """The choice that produced the best value at ``cell``: same float sums, same maximum.
+
+    A handful of choices per group, so plain Python beats NumPy's per-call overhead here.
+    """
+    best, pick = -math.inf, 0
+    for j, (wj, vj) in enumerate(zip(w, v, strict=True)):
+        i = cell - wj - lo
+        if 0 <= i < len(dp) and (total := float(dp[i]) + vj) > best:
+            best, pick = total, j
+    return pick
