@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .backends import Backend, Measurement
-from .backends.timing import STATISTICS, median_of
+from .backends.timing import STATISTICS, combine
 from .calibration import fit, references
 from .errors import HalpError, LutError, LutMismatch
 from .fsio import (
@@ -45,6 +45,9 @@ from .structure import SPEC_FORMAT, LayerSpec, NetworkSpec
 FORMAT = "halp-lut"
 VERSION = 1
 _JOURNAL_FORMAT = "halp-lut-journal"
+#: times each calibration network is measured per pass, interleaved; whole networks last
+#: milliseconds, so a single measurement sits inside one spell of a drifting machine
+REF_ROUNDS = 5
 _REBUILD = "rebuild it with `halp lut build --model NAME --input SHAPE --backend ... --out FILE`"
 #: meta keys that must agree for two tables to be merged (device_key names a device model)
 _MERGE_KEYS = ("backend", "precision", "device_key", "settings", "threads", "versions")
@@ -513,10 +516,12 @@ def build_lut(
     measured too and the table is calibrated on them (:mod:`pipeline.calibration`): ``scale``
     and ``constant_ms`` such that scale · Σ entries + constant fits both.
 
-    With ``passes`` > 1 every point (and each reference network) is measured once per pass, each
-    pass in its own shuffled order, and the table keeps the median over passes: on a machine
-    whose speed drifts over minutes (shared hosts, thermal throttling) each entry then sees the
-    same mix of fast and slow spells, so entries stay comparable with each other.
+    With ``passes`` > 1 every point is measured once per pass, each pass in its own shuffled
+    order, so a point's measurements are minutes apart; the reference networks are measured in
+    ``REF_ROUNDS`` interleaved rounds after each pass. Repeats are combined by the protocol's
+    rule (:func:`~pipeline.backends.timing.combine`: the fastest under p10, the median under
+    median), so on a machine whose speed drifts (shared hosts, thermal throttling) an entry is
+    not stuck with the one slow spell it happened to be measured in.
     """
     step = step or backend.default_step
     if step < 1 or passes < 1 or (max_points is not None and max_points < 2):
@@ -546,16 +551,17 @@ def build_lut(
             todo = [pt for pt in points if p not in journal.points.get(pt, {})]
             random.Random(seed + p).shuffle(todo)
             _measure(backend, entries, todo, journal, p, bar)
-            for name, _, module in refs:  # calibration references, once per pass
-                if p not in journal.refs.get(name, {}):
-                    started = time.perf_counter()
-                    journal.add({"ref": name, "pass": p,
-                                 **backend.time_module(module, x).to_dict()},
-                                time.perf_counter() - started)
+            for r in range(REF_ROUNDS):  # calibration references, interleaved
+                for name, _, module in refs:
+                    if (p, r) not in journal.refs.get(name, {}):
+                        started = time.perf_counter()
+                        journal.add({"ref": name, "pass": p, "round": r,
+                                     **backend.time_module(module, x).to_dict()},
+                                    time.perf_counter() - started)
     for sig, entry in entries.items():
-        entry.points = {k: median_of(list(journal.points[(sig, *k)].values()))
+        entry.points = {k: combine(list(journal.points[(sig, *k)].values()))
                         for k in entry.points}
-    measured = {name: median_of(list(journal.refs[name].values())) for name, _, _ in refs}
+    measured = {name: combine(list(journal.refs[name].values())) for name, _, _ in refs}
     meta = {
         **described,
         "batch": int(spec.input_shape[0]),
@@ -617,7 +623,8 @@ class _Journal:
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
         self.points: dict[tuple[str, int, int], dict[int, Measurement]] = {}  # point -> pass
-        self.refs: dict[str, dict[int, Measurement]] = {}  # calibration network -> pass
+        #: calibration network -> (pass, round)
+        self.refs: dict[str, dict[tuple[int, int], Measurement]] = {}
         self.spent_s = 0.0
         if not path.exists():  # the header is written whole, never torn
             atomic_write_text(path, json.dumps({"header": header}) + "\n")
@@ -638,7 +645,8 @@ class _Journal:
         self.spent_s += rec.get("wall_s", 0.0)
         p = int(rec.get("pass", 0))
         if "ref" in rec:
-            self.refs.setdefault(rec["ref"], {})[p] = Measurement.from_dict(rec)
+            key = (p, int(rec.get("round", 0)))
+            self.refs.setdefault(rec["ref"], {})[key] = Measurement.from_dict(rec)
         else:
             point = (rec["sig"], rec["cin"], rec["cout"])
             self.points.setdefault(point, {})[p] = Measurement.from_dict(rec)

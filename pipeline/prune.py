@@ -19,7 +19,7 @@ from torch import nn
 
 from . import engine
 from .backends import Backend, Measurement, get_backend
-from .backends.timing import median_of, slug
+from .backends.timing import combine, slug
 from .data import load_data
 from .errors import HalpError
 from .export import to_onnx
@@ -209,7 +209,7 @@ def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
     for _ in range(MEASURE_ROUNDS):
         rounds["dense"].append(engine.measure(dense, backend))
         rounds["pruned"].append(engine.measure(pruned, backend))
-    return median_of(rounds["dense"]), median_of(rounds["pruned"])
+    return combine(rounds["dense"]), combine(rounds["pruned"])
 
 
 def render(report: dict[str, Any]) -> str:

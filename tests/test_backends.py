@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 
 import pipeline
 from pipeline.backends import Backend, Measurement, TimingSettings, get_backend
-from pipeline.backends.timing import measure, slug
+from pipeline.backends.timing import combine, measure, slug
 from pipeline.errors import BackendUnavailable, HalpError
 from pipeline.onnx_layers import layer_input, layer_model
 from pipeline.structure import LayerSpec, analyze
@@ -42,6 +43,18 @@ def test_measurement_statistics_and_round_trip() -> None:
     assert Measurement.from_dict(m.to_dict()) == m
     with pytest.raises(ValueError):
         Measurement.from_samples([])
+
+
+def test_repeats_combine_to_the_fastest_window_on_cpu_and_the_median_on_gpu() -> None:
+    """Contention only slows a CPU run down, so p10 repeats keep the fastest; GPU repeats
+    (median protocol) vary both ways and keep the median."""
+    windows = [[3.0, 3.1, 3.2], [2.0, 2.1, 2.3], [4.0, 4.4, 5.0]]
+    cpu = combine([Measurement.from_samples(w, statistic="p10") for w in windows])
+    assert cpu == replace(Measurement.from_samples(windows[1], statistic="p10"), n=9)
+    gpu = combine([Measurement.from_samples(w) for w in windows])
+    assert gpu.median_ms == 3.1 and gpu.n == 9 and gpu.statistic == "median"
+    with pytest.raises(ValueError):
+        combine([])
 
 
 def test_fast_ops_are_timed_in_batches_sized_to_the_minimum_sample() -> None:

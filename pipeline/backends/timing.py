@@ -127,15 +127,25 @@ def measure(time_batch: BatchTimer, settings: TimingSettings) -> Measurement:
     return Measurement.from_samples(samples, inner, settings.statistic)
 
 
-def median_of(measurements: Sequence[Measurement]) -> Measurement:
-    """Combine repeated measurements of one op (e.g. interleaved rounds or passes): each
-    statistic is the median of that statistic over the measurements."""
+def combine(measurements: Sequence[Measurement]) -> Measurement:
+    """One measurement from repeats of the same op taken at different moments (interleaved
+    rounds, build passes).
+
+    Under the ``p10`` protocol (shared CPUs) the fastest repeat is kept: other tenants only ever
+    slow a run down, and on a contended host they do so for seconds at a time, so every sample
+    of a repeat can fall into one slow spell; the fastest window is the closest to the machine
+    alone. Under ``median`` (GPUs, whose variation goes both ways: clocks, algorithm choice)
+    each statistic is the median over the repeats. ``n`` counts every sample taken.
+    """
     if not measurements:
-        raise ValueError("median_of needs at least one measurement")
+        raise ValueError("combine needs at least one measurement")
+    n = sum(m.n for m in measurements)
+    if measurements[0].statistic == "p10":
+        return replace(min(measurements, key=lambda m: m.ms), n=n)
     first = measurements[0]
     return Measurement(*(float(np.median([getattr(m, f) for m in measurements]))
                          for f in ("median_ms", "p10_ms", "p90_ms")),
-                       sum(m.n for m in measurements), first.inner, first.statistic)
+                       n, first.inner, first.statistic)
 
 
 def host_timer(run: Callable[[], object]) -> BatchTimer:

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="at most this many grid points per channel axis (coarser, faster)")
     b.add_argument("--passes", type=_positive, default=1,
                    help="measure every point this many times, in separately shuffled passes, "
-                        "and keep the median (steadier tables on shared or throttling machines)")
+                        "combined by the timing protocol (fastest on CPU, median on GPU); 3 "
+                        "makes tables much steadier on shared or throttling machines")
     b.add_argument("--out", required=True, help="table to write (JSON); journal beside it")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
