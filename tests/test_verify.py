@@ -30,7 +30,8 @@ def test_spearman_matches_scipy() -> None:
 
 def _args(lut: Path, *extra: str) -> list[str]:
     return ["verify", "--model", "resnet18", "--num-classes", "10",
-            "--input", "x".join(map(str, INPUT)), "--lut", str(lut), "--samples", "4", *extra]
+            "--input", "x".join(map(str, INPUT)), "--lut", str(lut), "--samples", "4",
+            "--rounds", "2", *extra]
 
 
 def test_verify_report_table_json_and_plot(tmp_path: Path, capsys) -> None:
