@@ -16,6 +16,7 @@ from torch import nn
 import pipeline
 from pipeline.backends import Backend, Measurement, TimingSettings, get_backend
 from pipeline.backends.timing import combine, measure, slug
+from pipeline.backends.torch import cuda_graph
 from pipeline.errors import BackendUnavailable, HalpError
 from pipeline.onnx_layers import layer_input, layer_model
 from pipeline.structure import LayerSpec, analyze
@@ -163,6 +164,20 @@ def test_torch_cuda_event_timing(conv: LayerSpec, precision: str) -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     assert_sane(backend.time_module(net, torch.randn(2, 3, 32, 32)), 5)
     assert next(net.parameters()).device.type == "cpu"  # the caller's copy stays put
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_the_module_on_new_input() -> None:
+    """What the GPU timer replays is the real network: new input in, the eager result out."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).cuda().eval()
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    with torch.inference_mode():
+        replay, out = cuda_graph(net, x)
+        x.copy_(torch.randn_like(x))
+        replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(out, net(x), atol=1e-5)
 
 
 # --- TensorRT ----------------------------------------------------------------------------------
