@@ -373,3 +373,23 @@ def test_cli_build_show_plot_merge(tmp_path, capsys) -> None:
     assert main(["lut", "show", str(tmp_path / "absent.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert np.isfinite(LatencyTable.load(out).constant_ms)
+
+
+REFERENCE_TABLES = sorted((Path(__file__).parent.parent / "luts").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", REFERENCE_TABLES, ids=lambda p: p.name)
+def test_reference_tables_load_and_cover_their_model(path: Path) -> None:
+    """The measured tables shipped in luts/ stay readable as the format evolves, and still
+    price every layer of the network they were built for."""
+    table = LatencyTable.load(path)
+    meta = table.meta
+    assert meta["device"] and meta["versions"] and table.dense_ms and table.dense_ms > 0
+    model = getattr(torchvision.models, meta["model"])()
+    batch, *sample = meta["input_shape"]
+    data = analyze(model, torch.randn(1, *sample)).to_dict()  # batch 1: quick to trace
+    data["input_shape"] = meta["input_shape"]
+    data["layers"] = [{**layer, "batch": batch} for layer in data["layers"]]
+    spec = NetworkSpec.from_dict(data)
+    table.check_spec(spec)
+    assert 0.5 * table.dense_ms < table.predict(spec) < 2 * table.dense_ms
