@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .backends import Backend, Measurement
 from .backends.timing import STATISTICS, combine
@@ -40,7 +39,11 @@ from .fsio import (
     atomic_write_text,
     read_journal,
 )
+from .progress import progress as progress_bar
 from .structure import SPEC_FORMAT, LayerSpec, NetworkSpec
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 FORMAT = "halp-lut"
 VERSION = 1
@@ -545,8 +548,8 @@ def build_lut(
     if done:
         log.info("resuming %s: %d of %d measurements already taken", journal.path, done, total)
     refs = references(model, x, spec, step) if model is not None else []
-    with tqdm(total=total, initial=done, disable=not progress, unit="pt", desc="lut",
-              dynamic_ncols=True) as bar:
+    with progress_bar(total=total, initial=done, disable=not progress, unit="pt",
+                      desc="lut") as bar:
         for p in range(passes):
             todo = [pt for pt in points if p not in journal.points.get(pt, {})]
             random.Random(seed + p).shuffle(todo)

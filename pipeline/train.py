@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .errors import HalpError
 from .fsio import atomic_write_bytes
+from .progress import progress as progress_bar
 
 CHECKPOINT_FORMAT = "halp-train-checkpoint/1"
 
@@ -133,7 +133,7 @@ def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, e
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch - 1)
     loss_sum, seen, skipped = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", unit="batch", leave=False, disable=None)
+    bar = progress_bar(loader, desc=f"{desc} {epoch}/{epochs}", unit="batch", leave=False)
     for images, labels in bar:
         images = images.to(run.device, non_blocking=True)
         labels = labels.to(run.device, non_blocking=True)

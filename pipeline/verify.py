@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .backends import Backend, Measurement, OnnxBackend
 from .backends.timing import combine
@@ -33,6 +32,7 @@ from .errors import HalpError
 from .export import to_onnx
 from .lut import LatencyTable
 from .plotting import save_png, subplots
+from .progress import progress as progress_bar
 from .pruner import HalpPruner
 from .slim import slim
 from .structure import NetworkSpec
@@ -192,7 +192,7 @@ def verify(
     refs = references(model, example_input, spec, step=int(lut.meta.get("step") or 8))
     refs = refs if calibration == "affine" else refs[:1]
     variants = list(refs)
-    for kind, counts in tqdm(plans, desc="slim", unit="arch", disable=not progress):
+    for kind, counts in progress_bar(plans, desc="slim", unit="arch", disable=not progress):
         keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
         variants.append((kind, counts, slim(model, example_input, keep, spec=spec)
                          if keep else model))
@@ -237,7 +237,8 @@ def _interleaved(timers: Sequence[Callable[[], Measurement]], rounds: int,
     all variants alike instead of penalising whichever was measured during a slow spell.
     """
     results: list[list[Measurement]] = [[] for _ in timers]
-    steps = tqdm(total=rounds * len(timers), desc="measure", unit="run", disable=not progress)
+    steps = progress_bar(total=rounds * len(timers), desc="measure", unit="run",
+                         disable=not progress)
     for _ in range(rounds):
         for i, timer in enumerate(timers):
             results[i].append(timer())
