@@ -58,7 +58,7 @@ class PruneConfig:
     batch_size: int = 64
     lut_step: int | None = None  # None: the backend's channel block (also the pruning unit)
     lut_max_points: int | None = 8
-    lut_passes: int = 1
+    lut_passes: int = 3  # repeats spread over the build: a noisy point misleads the knapsack
     seed: int = 0
     lut_cache: Path = Path("luts/cache")  # where --lut auto keeps tables, keyed by device
     train_device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available()
@@ -82,6 +82,9 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     backend = _backend(cfg)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
+    # refuse a bad schedule or table before any long work
+    interval = _prune_interval(cfg, len(data.train))
+    given = LatencyTable.load(cfg.lut, backend=backend) if cfg.lut != "auto" else None
     x = torch.randn(*cfg.input_shape)
 
     log(f"[1/5] baseline {cfg.model} on {data.name}")
@@ -91,10 +94,11 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     spec = analyze(model, x, name=cfg.model)
 
     log(f"[2/5] latency table ({backend.name} {backend.precision})")
-    lut = _lut(cfg, spec, backend, model, x, log)
+    lut = given if given is not None else _lut(cfg, spec, backend, model, x, log)
+    lut.check_spec(spec)
 
     log(f"[3/5] HALP pruning to {_target_text(cfg)} while fine-tuning")
-    pruner = _prune(cfg, model, x, lut, data, out, log)
+    pruner = _prune(cfg, model, x, lut, data, interval, out, log)
     slim_model = pruner.finalize().eval()
     pruned_top1 = evaluate(slim_model, data.val, cfg.train_device)
     slim_model.to("cpu")
@@ -160,10 +164,7 @@ def _baseline(cfg: PruneConfig, data: Any, out: Path, log: Callable[[str], Any])
 
 def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
          x: torch.Tensor, log: Callable[[str], Any]) -> LatencyTable:
-    if cfg.lut != "auto":
-        lut = LatencyTable.load(cfg.lut, backend=backend)
-        lut.check_spec(spec)
-        return lut
+    """The table ``--lut auto`` builds, or reuses from the cache when built the same way."""
     desc = backend.describe()
     shape = "x".join(map(str, cfg.input_shape))
     step = cfg.lut_step or backend.default_step
@@ -176,13 +177,18 @@ def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module
                      model=model, example_input=x, passes=cfg.lut_passes)
 
 
-def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable, data: Any,
-           out: Path, log: Callable[[str], Any]) -> HalpPruner:
-    iterations = cfg.epochs * len(data.train)
+def _prune_interval(cfg: PruneConfig, batches: int) -> int:
+    """Fine-tuning iterations between pruning steps, so that all steps end in PRUNE_SPAN."""
+    iterations = cfg.epochs * batches
     interval = max(1, int(PRUNE_SPAN * iterations) // cfg.steps)
     if interval * cfg.steps > iterations:
         raise HalpError(f"{cfg.steps} pruning steps do not fit in {iterations} fine-tuning "
                         "iterations; raise --epochs or lower --steps")
+    return interval
+
+
+def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable, data: Any,
+           interval: int, out: Path, log: Callable[[str], Any]) -> HalpPruner:
     pruner = HalpPruner(model, x, lut, target=None if cfg.target_ms else cfg.target,
                         target_ms=cfg.target_ms, steps=cfg.steps, interval=interval, log=log)
     log(f"dense predicted {pruner.dense_ms:.4g} ms → target {pruner.target_ms:.4g} ms; "

@@ -469,6 +469,16 @@ class HalpPruner:
         if {int(g): u for g, u in state["units"].items()} != self._units:
             raise HalpError("the saved pruner state is for other channel groups or units; "
                             "resume with the same model, input shape, ignore= and unit=")
+        saved = {"target": float(state["target_ms"]), "dense": float(state["dense_ms"])}
+        for what, mine, theirs in (("target", self._target_ms, saved["target"]),
+                                   ("dense prediction", self._dense_ms, saved["dense"])):
+            if not math.isclose(mine, theirs, rel_tol=1e-9):
+                # resuming would silently keep the other run's budget or latency table
+                raise HalpError(
+                    f"the saved pruner state has {what} {theirs:.6g} ms, this pruner "
+                    f"{mine:.6g} ms: it was pruned with another target or latency table; "
+                    "resume with the same ones, or start over without the saved state"
+                )
         self._saliency.load_state_dict(state["saliency"])
         self._calls, self._step = int(state["calls"]), int(state["step"])
         self.steps, self.interval = int(state["steps"]), int(state["interval"])

@@ -203,6 +203,9 @@ def _restore(path: Path, model: nn.Module, run: _Run, state: Mapping[str, Statef
                         f"({str(exc).splitlines()[0]}); {fresh}") from exc
     run.load_state_dict(saved)
     for name, obj in state.items():
-        obj.load_state_dict(saved["state"][name])
+        try:
+            obj.load_state_dict(saved["state"][name])
+        except HalpError as exc:
+            raise HalpError(f"checkpoint {path}: {exc}; or {fresh}") from exc
     log(f"resumed from {path} after epoch {saved['epoch']}/{epochs}")
     return list(saved["history"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[PruneConfig, dict]:
     out = tmp_path_factory.mktemp("prune")
     cfg = PruneConfig(model="resnet18", data="digits", input_shape=SHAPE, out=out / "run",
                       threads=1, target=0.7, baseline_epochs=1, epochs=1, steps=2,
-                      lut_max_points=3, lut_cache=out / "luts", train_device="cpu")
+                      lut_max_points=3, lut_passes=1, lut_cache=out / "luts", train_device="cpu")
     return cfg, run(cfg, log=lambda _msg: None)
 
 
@@ -65,6 +66,13 @@ def test_rerun_reuses_baseline_lut_and_finetuning(smoke: tuple[PruneConfig, dict
     # every stage restored from its checkpoint: no training epoch runs again
     assert not any(line.startswith(("baseline epoch", "halp epoch")) for line in lines)
     assert again["channels"] == first["channels"]
+
+
+def test_rerun_with_another_target_refuses_the_old_finetuning(
+        smoke: tuple[PruneConfig, dict]) -> None:
+    cfg, _ = smoke
+    with pytest.raises(HalpError, match=r"finetune.ckpt: the saved pruner state has target"):
+        run(replace(cfg, target=0.8), log=lambda _msg: None)
 
 
 def test_bad_arguments_fail_clearly(tmp_path: Path, capsys) -> None:

@@ -141,6 +141,11 @@ def test_resume_continues_the_schedule_exactly() -> None:
     for key, value in model_a.state_dict().items():
         assert torch.equal(value, model_c.state_dict()[key]), key
 
+    other = HalpPruner(make_model("resnet18"), x, lut, **{**kwargs, "target_ms": 0.9 * kwargs[
+        "target_ms"]})
+    with pytest.raises(HalpError, match="another target or latency table"):
+        other.load_state_dict(saved["pruner"])
+
 
 def test_nonfinite_iterations_are_skipped_and_the_step_waits() -> None:
     model = make_model("resnet18")

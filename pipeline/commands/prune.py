@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lut-max-points", type=int, default=8,
                    help="LUT grid points per channel axis when --lut auto builds one")
+    p.add_argument("--lut-passes", type=int, default=PruneConfig.lut_passes,
+                   help="measurements per LUT point, in separately shuffled passes, when --lut "
+                        f"auto builds one (default {PruneConfig.lut_passes})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (e.g. engines/<name>)")
     p.set_defaults(func=run_prune)
@@ -61,7 +64,7 @@ def run_prune(args: argparse.Namespace) -> int:
         target=None if args.target_ms is not None else args.target, target_ms=args.target_ms,
         baseline_epochs=args.baseline_epochs, epochs=args.epochs, steps=args.steps, lr=args.lr,
         finetune_lr=args.finetune_lr, batch_size=args.batch_size,
-        lut_max_points=args.lut_max_points, seed=args.seed,
+        lut_max_points=args.lut_max_points, lut_passes=args.lut_passes, seed=args.seed,
     )
     run(cfg)
     return 0
