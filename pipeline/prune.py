@@ -2,11 +2,14 @@
 
 ``halp prune`` and ``halp demo`` both run :func:`run`. Every long stage leaves a file behind
 (baseline and fine-tuning checkpoints, the LUT and its journal), so an interrupted run resumes
-where it stopped and a second run with the same settings reuses the baseline and the LUT.
+where it stopped and a second run with the same settings reuses the baseline and the LUT. Each
+file's name carries a digest of the settings it depends on, so a run with, say, another target
+reuses the baseline and the table but fine-tunes afresh rather than resuming the other run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -151,12 +154,29 @@ def _target_text(cfg: PruneConfig) -> str:
     return f"{100 * (cfg.target or 0):g}% of the dense latency"
 
 
+#: the settings a checkpoint depends on, in its file name: a run with other settings trains
+#: afresh instead of resuming a checkpoint that belongs to another configuration
+BASELINE_SETTINGS = ("model", "data", "input_shape", "baseline_epochs", "lr", "batch_size", "seed")
+FINETUNE_SETTINGS = (*BASELINE_SETTINGS, "checkpoint", "target", "target_ms", "epochs", "steps",
+                     "finetune_lr")
+
+
+def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
+                  lut: LatencyTable | None = None) -> str:
+    """A short stable digest of ``cfg``'s named settings (and the table's identity)."""
+    fields = {name: getattr(cfg, name) for name in names}
+    if lut is not None:
+        fields["lut"] = {k: lut.meta.get(k) for k in ("device_key", "created", "points")}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def _baseline(cfg: PruneConfig, data: Any, out: Path, log: Callable[[str], Any]) -> nn.Module:
     """The user's trained weights, or a baseline trained here (resumable, reused when cached)."""
     model = load_model(cfg.model, num_classes=data.num_classes)
     if cfg.checkpoint:
         return load_checkpoint(model, cfg.checkpoint)
-    ckpt = out / "baseline.ckpt"
+    ckpt = out / f"baseline-{_settings_key(cfg, BASELINE_SETTINGS)}.ckpt"
     fit(model, data.train, epochs=cfg.baseline_epochs, lr=cfg.lr, device=cfg.train_device,
         val_loader=data.val, checkpoint=ckpt, resume=True, desc="baseline", log=log)
     return model
@@ -193,8 +213,9 @@ def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTabl
                         target_ms=cfg.target_ms, steps=cfg.steps, interval=interval, log=log)
     log(f"dense predicted {pruner.dense_ms:.4g} ms → target {pruner.target_ms:.4g} ms; "
         f"{cfg.steps} steps every {interval} iterations")
+    ckpt = out / f"finetune-{_settings_key(cfg, FINETUNE_SETTINGS, lut)}.ckpt"
     fit(model, data.train, epochs=cfg.epochs, lr=cfg.finetune_lr, device=cfg.train_device,
-        val_loader=data.val, checkpoint=out / "finetune.ckpt", resume=True,
+        val_loader=data.val, checkpoint=ckpt, resume=True,
         after_backward=pruner.step, after_step=pruner.apply_masks, state={"pruner": pruner},
         desc="halp", log=log)
     model.to("cpu")

@@ -477,7 +477,7 @@ class HalpPruner:
                 raise HalpError(
                     f"the saved pruner state has {what} {theirs:.6g} ms, this pruner "
                     f"{mine:.6g} ms: it was pruned with another target or latency table; "
-                    "resume with the same ones, or start over without the saved state"
+                    "resume with the same ones"
                 )
         self._saliency.load_state_dict(state["saliency"])
         self._calls, self._step = int(state["calls"]), int(state["step"])

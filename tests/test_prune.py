@@ -68,11 +68,17 @@ def test_rerun_reuses_baseline_lut_and_finetuning(smoke: tuple[PruneConfig, dict
     assert again["channels"] == first["channels"]
 
 
-def test_rerun_with_another_target_refuses_the_old_finetuning(
-        smoke: tuple[PruneConfig, dict]) -> None:
-    cfg, _ = smoke
-    with pytest.raises(HalpError, match=r"finetune.ckpt: the saved pruner state has target"):
-        run(replace(cfg, target=0.8), log=lambda _msg: None)
+def test_rerun_with_another_target_fine_tunes_afresh(smoke: tuple[PruneConfig, dict]) -> None:
+    """Checkpoints are keyed by the settings they depend on: a new target reuses the baseline
+    and the table but never the other target's fine-tuning."""
+    cfg, first = smoke
+    lines: list[str] = []
+    other = run(replace(cfg, target=0.85), log=lines.append)
+    assert not any(line.startswith("baseline epoch") for line in lines)
+    assert any(line.startswith("halp epoch") for line in lines)
+    assert not any(line.startswith("resumed from") and "finetune" in line for line in lines)
+    assert other["target_ms"] > first["target_ms"]
+    assert other["pruned"]["predicted_ms"] <= other["target_ms"] * (1 + 1e-9)
 
 
 def test_bad_arguments_fail_clearly(tmp_path: Path, capsys) -> None:
