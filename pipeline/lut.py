@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, Measurement
-from .backends.timing import STATISTICS, combine
+from .backends.timing import ROUNDS, STATISTICS, combine
 from .calibration import fit, references
 from .errors import HalpError, LutError, LutMismatch
 from .fsio import (
@@ -48,9 +48,6 @@ if TYPE_CHECKING:
 FORMAT = "halp-lut"
 VERSION = 1
 _JOURNAL_FORMAT = "halp-lut-journal"
-#: times each calibration network is measured per pass, interleaved; whole networks last
-#: milliseconds, so a single measurement sits inside one spell of a drifting machine
-REF_ROUNDS = 5
 _REBUILD = "rebuild it with `halp lut build --model NAME --input SHAPE --backend ... --out FILE`"
 #: meta keys that must agree for two tables to be merged (device_key names a device model)
 _MERGE_KEYS = ("backend", "precision", "device_key", "settings", "threads", "versions")
@@ -521,7 +518,7 @@ def build_lut(
 
     With ``passes`` > 1 every point is measured once per pass, each pass in its own shuffled
     order, so a point's measurements are minutes apart; the reference networks are measured in
-    ``REF_ROUNDS`` interleaved rounds after each pass. Repeats are combined by the protocol's
+    ``ROUNDS`` interleaved rounds after each pass. Repeats are combined by the protocol's
     rule (:func:`~pipeline.backends.timing.combine`: the fastest under p10, the median under
     median), so on a machine whose speed drifts (shared hosts, thermal throttling) an entry is
     not stuck with the one slow spell it happened to be measured in.
@@ -554,7 +551,7 @@ def build_lut(
             todo = [pt for pt in points if p not in journal.points.get(pt, {})]
             random.Random(seed + p).shuffle(todo)
             _measure(backend, entries, todo, journal, p, bar)
-            for r in range(REF_ROUNDS):  # calibration references, interleaved
+            for r in range(ROUNDS):  # calibration references, interleaved
                 for name, _, module in refs:
                     if (p, r) not in journal.refs.get(name, {}):
                         started = time.perf_counter()

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import engine
 from .backends import Backend, Measurement, get_backend
-from .backends.timing import combine, slug
+from .backends.timing import ROUNDS, combine, slug
 from .data import load_data
 from .errors import HalpError
 from .export import to_onnx
@@ -37,7 +37,6 @@ from .train import evaluate, fit
 #: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest
 #: recovers accuracy at the final architecture
 PRUNE_SPAN = 0.6
-MEASURE_ROUNDS = 3
 
 
 @dataclass
@@ -233,7 +232,7 @@ def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
                   backend: Backend) -> tuple[Measurement, Measurement]:
     """Alternate dense and pruned rounds so drift (clocks, other load) hits both alike."""
     rounds: dict[str, list[Measurement]] = {"dense": [], "pruned": []}
-    for _ in range(MEASURE_ROUNDS):
+    for _ in range(ROUNDS):
         rounds["dense"].append(engine.measure(dense, backend))
         rounds["pruned"].append(engine.measure(pruned, backend))
     return combine(rounds["dense"]), combine(rounds["pruned"])

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, Measurement, OnnxBackend
-from .backends.timing import combine
+from .backends.timing import ROUNDS, combine
 from .calibration import fit, references
 from .errors import HalpError
 from .export import to_onnx
@@ -40,9 +40,6 @@ from .structure import NetworkSpec
 KNAPSACK_TARGETS = (0.35, 0.5, 0.65, 0.8)
 #: knapsack steps per planned architecture (HALP prunes in many small steps, not one)
 PLAN_STEPS = 8
-#: interleaved measurement rounds per architecture: a shared CPU's fast spells are short and
-#: rare (about 15% of 100 ms windows on the CI host), and the fastest round is kept there
-DEFAULT_ROUNDS = 9
 
 
 @dataclass
@@ -158,7 +155,7 @@ def verify(
     *,
     samples: int = 12,
     tolerance: float = 0.10,
-    rounds: int = DEFAULT_ROUNDS,
+    rounds: int = ROUNDS,
     calibration: str = "affine",
     seed: int = 0,
     lut_path: str = "",

@@ -127,6 +127,12 @@ def measure(time_batch: BatchTimer, settings: TimingSettings) -> Measurement:
     return Measurement.from_samples(samples, inner, settings.statistic)
 
 
+#: interleaved rounds of a whole-network measurement (verify's samples, the calibration
+#: references, prune's dense/pruned pair): a shared CPU's fast spells are short and rare (about
+#: 15% of 100 ms windows on the CI host), and :func:`combine` keeps the fastest round there
+ROUNDS = 9
+
+
 def combine(measurements: Sequence[Measurement]) -> Measurement:
     """One measurement from repeats of the same op taken at different moments (interleaved
     rounds, build passes).

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..backends.timing import ROUNDS
 from ..fsio import atomic_write_json
 from ..lut import LatencyTable
-from ..verify import DEFAULT_ROUNDS, plot, render, verify
+from ..verify import plot, render, verify
 from .common import add_model_args, model_from_args
 
 
@@ -21,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: what the LUT was measured with)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+    p.add_argument("--rounds", type=int, default=ROUNDS,
                    help="interleaved measurement rounds per architecture, combined by the "
                         "timing protocol: fastest on CPU, median on GPU "
-                        f"(default {DEFAULT_ROUNDS})")
+                        f"(default {ROUNDS})")
     p.add_argument("--calibration", choices=["affine", "constant"], default="affine",
                    help="re-fit the calibration in this run on the dense, half- and quarter-width "
                         "networks (affine, default) or on the dense network alone (constant)")
