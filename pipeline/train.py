@@ -155,7 +155,7 @@ def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, e
         run.scheduler.step()
         loss_sum += value * labels.numel()
         seen += labels.numel()
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)  # drawn at its pace
     if seen == 0:
         raise HalpError(f"{desc} epoch {epoch}: every batch gave a non-finite loss (NaN/inf), so "
                         f"training diverged; lower --lr (now {run.scheduler.base_lrs[0]:g}, try "

@@ -59,7 +59,7 @@ def quiet(_: str) -> None:
     """A `log` that discards messages."""
 
 
-def test_fit_reduces_loss_and_reports_each_epoch(digits):
+def test_fit_reduces_loss_and_reports_each_epoch(digits, capsys):
     model = resnet().eval()
     held_out = DataLoader(Subset(digits.val.dataset, range(256, 359)), batch_size=64)
     history = fit(model, _shuffled(digits.val.dataset, 256, 32), epochs=2, val_loader=held_out,
@@ -68,6 +68,8 @@ def test_fit_reduces_loss_and_reports_each_epoch(digits):
     assert history[1]["loss"] < history[0]["loss"]
     assert all(0.0 <= h["top1"] <= 100.0 and h["seconds"] > 0 for h in history)
     assert not model.training  # mode restored
+    # in a log (pytest's capture is not a terminal) progress is a few lines, not one per batch
+    assert len(capsys.readouterr().err.splitlines()) <= 2 * 2
 
 
 def test_hooks_run_between_backward_and_step_once_per_batch(small):
