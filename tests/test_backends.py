@@ -16,7 +16,7 @@ from torch import nn
 import pipeline
 from pipeline.backends import Backend, Measurement, TimingSettings, get_backend
 from pipeline.backends.timing import combine, measure, slug
-from pipeline.backends.torch import cuda_graph
+from pipeline.backends.torch import cuda_graph, deployable
 from pipeline.errors import BackendUnavailable, HalpError
 from pipeline.onnx_layers import layer_input, layer_model
 from pipeline.structure import LayerSpec, analyze
@@ -164,6 +164,30 @@ def test_torch_cuda_event_timing(conv: LayerSpec, precision: str) -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     assert_sane(backend.time_module(net, torch.randn(2, 3, 32, 32)), 5)
     assert next(net.parameters()).device.type == "cpu"  # the caller's copy stays put
+
+
+def test_networks_are_timed_with_batchnorm_folded_as_engines_deploy_them(caplog) -> None:
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    folded = deployable(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # caller's untouched
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+    class Branchy(nn.Module):  # data-dependent control flow: fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(t)) if t.sum() > 0 else t
+
+    with caplog.at_level("WARNING"):
+        kept = deployable(Branchy())
+    assert isinstance(kept, Branchy) and "without folding BatchNorm" in caplog.text
 
 
 @pytest.mark.cuda

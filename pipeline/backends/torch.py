@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from ..errors import BackendUnavailable, HalpError
 from ..onnx_layers import layer_input, torch_layer
@@ -42,6 +44,25 @@ def cuda_timer(run: Callable[[], object]) -> BatchTimer:
         return start.elapsed_time(end)
 
     return time_batch
+
+
+log = logging.getLogger(__name__)
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with each BatchNorm folded into its convolution.
+
+    ONNX Runtime and TensorRT fold BatchNorm when they build an engine, and the LUT's single
+    layers are convolutions with a bias, so a network is timed the same way. A model that
+    torch.fx cannot trace (data-dependent control flow) is timed unfused, and the log says so.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        return fuse(model)
+    except Exception as exc:  # tracing fails in many ways (TraceError, TypeError, ...)
+        log.warning("timing %s without folding BatchNorm: torch.fx cannot trace it (%s)",
+                    type(model).__name__, exc)
+        return model
 
 
 def cuda_graph(module: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], object]:
@@ -133,7 +154,7 @@ class TorchBackend:
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         # a copy: moving/casting must not change the caller's model (device, dtype, mode)
-        return self._time(copy.deepcopy(model), example_input)
+        return self._time(deployable(model), example_input)
 
     def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
                   inputs: dict[str, np.ndarray]) -> Measurement:
