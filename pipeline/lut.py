@@ -545,6 +545,7 @@ def build_lut(
     if done:
         log.info("resuming %s: %d of %d measurements already taken", journal.path, done, total)
     refs = references(model, x, spec, step) if model is not None else []
+    timers = {name: backend.module_timer(module, x) for name, _, module in refs}
     with progress_bar(total=total, initial=done, disable=not progress, unit="pt",
                       desc="lut") as bar:
         for p in range(passes):
@@ -552,11 +553,10 @@ def build_lut(
             random.Random(seed + p).shuffle(todo)
             _measure(backend, entries, todo, journal, p, bar)
             for r in range(ROUNDS):  # calibration references, interleaved
-                for name, _, module in refs:
+                for name, timer in timers.items():
                     if (p, r) not in journal.refs.get(name, {}):
                         started = time.perf_counter()
-                        journal.add({"ref": name, "pass": p, "round": r,
-                                     **backend.time_module(module, x).to_dict()},
+                        journal.add({"ref": name, "pass": p, "round": r, **timer().to_dict()},
                                     time.perf_counter() - started)
     for sig, entry in entries.items():
         entry.points = {k: combine(list(journal.points[(sig, *k)].values()))

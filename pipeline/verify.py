@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import Backend, Measurement, OnnxBackend
+from .backends import Backend, Measurement
 from .backends.timing import ROUNDS, combine
 from .calibration import fit, references
 from .errors import HalpError
-from .export import to_onnx
 from .lut import LatencyTable
 from .plotting import save_png, subplots
 from .progress import progress as progress_bar
@@ -193,7 +192,7 @@ def verify(
         keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
         variants.append((kind, counts, slim(model, example_input, keep, spec=spec)
                          if keep else model))
-    timers = [_timer(backend, v, example_input) for _, _, v in variants]
+    timers = [backend.module_timer(v, example_input) for _, _, v in variants]
     measured = _interleaved(timers, rounds, progress)
 
     def entries_ms(counts: dict[int, int]) -> float:
@@ -213,16 +212,6 @@ def verify(
         report.samples.append(Sample(kind, counts, cal.predict(entries_ms(counts)), m.ms,
                                      m.p10_ms, m.p90_ms))
     return report
-
-
-def _timer(backend: Backend, model: nn.Module,
-           example_input: torch.Tensor) -> Callable[[], Measurement]:
-    """Time ``model`` as the backend deploys it, exporting to ONNX once rather than per round."""
-    if not isinstance(backend, OnnxBackend):
-        return lambda: backend.time_module(model, example_input)
-    proto = to_onnx(model, example_input, check=False)
-    inputs = {proto.graph.input[0].name: example_input.cpu().numpy()}
-    return lambda: backend.time_onnx(proto, inputs)
 
 
 def _interleaved(timers: Sequence[Callable[[], Measurement]], rounds: int,

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -53,6 +54,12 @@ class Backend(Protocol):
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement: ...
 
+    def module_timer(self, model: nn.Module,
+                     example_input: torch.Tensor) -> Callable[[], Measurement]:
+        """Prepare ``model`` once (export, fold, ...); each call of the result is one more
+        measurement, for interleaved rounds."""
+        ...
+
 
 def onnx_bytes(model: onnx.ModelProto | bytes | str | os.PathLike) -> bytes:
     """Serialized ONNX from a proto, bytes or a file path (a missing file is a clear error)."""
@@ -84,10 +91,16 @@ class OnnxBackend(ABC):
         return self.time_onnx(layer_model(layer, cin, cout), {"x": layer_input(layer, cin)})
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
+        return self.module_timer(model, example_input)()
+
+    def module_timer(self, model: nn.Module,
+                     example_input: torch.Tensor) -> Callable[[], Measurement]:
+        """Export once; each call times the exported network again."""
         from ..export import to_onnx  # export pulls in torch.onnx: only when a network is timed
 
         proto = to_onnx(model, example_input, check=False)
-        return self.time_onnx(proto, {proto.graph.input[0].name: example_input.cpu().numpy()})
+        inputs = {proto.graph.input[0].name: example_input.cpu().numpy()}
+        return lambda: self.time_onnx(proto, inputs)
 
 
 def get_backend(name: str, precision: str = "fp32", **options: object) -> Backend:

@@ -153,8 +153,14 @@ class TorchBackend:
         return self._time(torch_layer(layer, cin, cout), torch.from_numpy(layer_input(layer, cin)))
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
-        # a copy: moving/casting must not change the caller's model (device, dtype, mode)
-        return self._time(deployable(model), example_input)
+        return self.module_timer(model, example_input)()
+
+    def module_timer(self, model: nn.Module,
+                     example_input: torch.Tensor) -> Callable[[], Measurement]:
+        """Fold once (a copy: moving/casting must not change the caller's model); each call
+        times the folded network again."""
+        folded = deployable(model)
+        return lambda: self._time(folded, example_input)
 
     def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
                   inputs: dict[str, np.ndarray]) -> Measurement:
