@@ -11,7 +11,7 @@ import inspect
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -44,6 +44,60 @@ def _quiet_legacy_exporter() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=DeprecationWarning,
                                 message="The feature will be removed", module=r"torch\.onnx")
         yield
+
+
+class _AdaptiveAvgPoolAsMatmul(nn.Module):
+    """``adaptive_avg_pool2d`` from one fixed size to another as two matrix products.
+
+    The TorchScript exporter refuses adaptive average pooling whose output size does not divide
+    the input size (torchvision's VGG pools 2x2 to 7x7 at 64x64 input); the same average, as
+    constant pooling matrices, exports as MatMul and computes the identical result.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("rows", _pool_matrix(in_hw[0], out_hw[0]))
+        self.register_buffer("cols", _pool_matrix(in_hw[1], out_hw[1]).T.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+def _pool_matrix(size: int, out: int) -> torch.Tensor:
+    """(out, size): row i averages the window adaptive pooling uses for output i."""
+    matrix = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -(-(i + 1) * size // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def _run_exportable(model: nn.Module, example_input: torch.Tensor) -> list[torch.Tensor]:
+    """Run ``model`` once (its outputs are returned) and swap each 2-D adaptive average pool
+    the exporter cannot express for :class:`_AdaptiveAvgPoolAsMatmul`."""
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+    pools = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.AdaptiveAvgPool2d)}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            shapes.setdefault(name, (args[0].shape, out.shape))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in pools.items()]
+    try:
+        expected = _tensors(model(example_input))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, (shape_in, shape_out) in shapes.items():
+        in_hw, out_hw = tuple(shape_in[-2:]), tuple(shape_out[-2:])
+        if all(i % o == 0 for i, o in zip(in_hw, out_hw, strict=True)):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                _AdaptiveAvgPoolAsMatmul(in_hw, out_hw))
+    return expected
 
 
 def _export_kwargs() -> dict:
@@ -101,7 +155,7 @@ def to_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLi
     """
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        expected = _tensors(model(example_input))
+        expected = _run_exportable(model, example_input)
         names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
         buffer = io.BytesIO()
         try:
