@@ -39,6 +39,7 @@ from .fsio import (
     atomic_write_text,
     read_journal,
 )
+from .onnx_layers import COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS, copies_for
 from .progress import progress as progress_bar
 from .structure import SPEC_FORMAT, LayerSpec, NetworkSpec
 
@@ -46,7 +47,12 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 FORMAT = "halp-lut"
-VERSION = 1
+#: 2: entries are packed in-network measurements (:data:`PROTOCOL`); 1 timed layers alone
+VERSION = 2
+#: how entries are measured, recorded in every table and journal header: each point is
+#: ``copies_for(layer, cin, cout, working_set)`` copies of the layer with their own weights
+#: in one graph, so the weights stream through the caches as they do in the network
+PROTOCOL = "packed-network-working-set"
 _JOURNAL_FORMAT = "halp-lut-journal"
 _REBUILD = "rebuild it with `halp lut build --model NAME --input SHAPE --backend ... --out FILE`"
 #: meta keys that must agree for two tables to be merged (device_key names a device model)
@@ -420,6 +426,10 @@ def _from_dict(data: Any, path: Path) -> LatencyTable:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise _Invalid(f"not a HALP latency table (format {found!r}, expected {FORMAT!r})")
+    if data.get("version") == 1:
+        raise _Invalid("table version 1 timed each layer alone, with its weights hot in cache, "
+                       "which under-prices layers inside a network whose weights do not fit "
+                       f"there; this halp reads version {VERSION} (in-network packed timing)")
     if data.get("version") != VERSION:
         raise _Invalid(f"table version {data.get('version')!r} is not supported "
                        f"(this halp reads version {VERSION})")
@@ -528,9 +538,13 @@ def build_lut(
         raise HalpError(f"step and passes must be >= 1 and max_points >= 2 (got step={step}, "
                         f"passes={passes}, max_points={max_points})")
     described = backend.describe()
+    protocol = {"name": PROTOCOL, "working_set_params": working_set(spec),
+                "max_copies": MAX_COPIES, "compute_bound": COMPUTE_BOUND,
+                "max_macs": MAX_PACKED_MACS}
     header = _normalised({
         "format": _JOURNAL_FORMAT, "version": VERSION, "backend": described,
-        "build": {"step": step, "max_points": max_points, "seed": seed, "passes": passes},
+        "build": {"step": step, "max_points": max_points, "seed": seed, "passes": passes,
+                  "protocol": protocol},
     })
     out = Path(out)
     existing = _existing(out, spec, header)
@@ -551,7 +565,7 @@ def build_lut(
         for p in range(passes):
             todo = [pt for pt in points if p not in journal.points.get(pt, {})]
             random.Random(seed + p).shuffle(todo)
-            _measure(backend, entries, todo, journal, p, bar)
+            _measure(backend, entries, todo, journal, p, bar, protocol["working_set_params"])
             for r in range(ROUNDS):  # calibration references, interleaved
                 for name, timer in timers.items():
                     if (p, r) not in journal.refs.get(name, {}):
@@ -573,6 +587,7 @@ def build_lut(
         "seed": seed,
         "points": len(points),
         "passes": passes,
+        "protocol": protocol,
         "build_s": round(journal.spent_s, 3),
         "dense": measured["dense"].to_dict() if measured else None,
     }
@@ -586,6 +601,7 @@ def build_lut(
         meta["calibration"] = {name: {"lut_ms": lut_ms[name], "measured_ms": measured[name].ms,
                                       "counts": {str(g): c for g, c in counts.items()}}
                                for name, counts, _ in refs}
+        meta["check"] = cal.to_dict()
     table.save(out)
     journal.path.unlink(missing_ok=True)
     return table
@@ -677,12 +693,20 @@ def _header_diff(found: Any, header: dict[str, Any]) -> str:
     return "; ".join(diffs) or "format differs"
 
 
+def working_set(spec: NetworkSpec) -> int:
+    """Parameters of the network's conv/linear layers: the weights that stream through the
+    caches between two runs of any one layer (the packed protocol's target, :data:`PROTOCOL`)."""
+    return int(sum(layer.params for layer in spec.layers))
+
+
 def _measure(backend: Backend, entries: Mapping[str, LutEntry],
-             todo: list[tuple[str, int, int]], journal: _Journal, p: int, bar: tqdm) -> None:
+             todo: list[tuple[str, int, int]], journal: _Journal, p: int, bar: tqdm,
+             params: int) -> None:
     examples = {sig: _layer_from_geometry(e.layer_example) for sig, e in entries.items()}
     for sig, cin, cout in todo:
         started = time.perf_counter()
-        m = backend.time_layer(examples[sig], cin, cout)
-        journal.add({"sig": sig, "cin": cin, "cout": cout, "pass": p, **m.to_dict()},
-                    time.perf_counter() - started)
+        copies = copies_for(examples[sig], cin, cout, params)
+        m = backend.time_layer(examples[sig], cin, cout, copies=copies)
+        journal.add({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies,
+                     **m.to_dict()}, time.perf_counter() - started)
         bar.update()

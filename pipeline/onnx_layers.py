@@ -17,11 +17,25 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from . import layer_context
 from .errors import UnsupportedLayer
 from .structure import LayerSpec
 
-ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "sigmoid")
+ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid")
 OPS = ("conv", "dwconv", "linear", "deconv")
+#: most copies of one layer in a packed graph (:func:`copies_for`): enough to stream a large
+#: network's weights past a small layer, few enough that building the graph stays cheap
+MAX_COPIES = 64
+#: most parameters in one packed graph: 1 GiB of fp32 weights, well below protobuf's 2 GiB
+MAX_PACKED_PARAMS = 1 << 28
+#: multiply-accumulates per weight above which a layer is compute-bound on CPUs and GPUs alike
+#: (a 3x3 convolution at 7x7 output does 49; the memory-bound late layers of a small input, 1x1
+#: projections and classifier heads do 1 to 16): where its weights come from hardly changes its
+#: time, so its copies stop at ``MAX_PACKED_MACS`` and the table stays quick to build
+COMPUTE_BOUND = 32
+#: most multiply-accumulates in one packed graph of a compute-bound layer (about a millisecond
+#: on one CPU core)
+MAX_PACKED_MACS = 1 << 26
 
 _TORCH_ACT = {
     "relu": nn.ReLU,
@@ -29,6 +43,7 @@ _TORCH_ACT = {
     "silu": nn.SiLU,
     "hardswish": nn.Hardswish,
     "sigmoid": nn.Sigmoid,
+    "hardsigmoid": nn.Hardsigmoid,
 }
 
 
@@ -85,22 +100,37 @@ def layer_weights(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> dict[
     rng = np.random.default_rng(seed)
     fan_in = cin // groups * math.prod(layer.kernel)  # kernel is () for linear
     scale = 1.0 / math.sqrt(fan_in)
-    out = {"weight": (rng.standard_normal(shape) * scale).astype(np.float32)}
+    out = {"weight": rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)}
     if layer.bias:
-        out["bias"] = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        out["bias"] = rng.standard_normal(cout, dtype=np.float32) * np.float32(0.1)
     return out
 
 
 def _input_shape(layer: LayerSpec, cin: int) -> tuple[int, ...]:
+    if layer.pre:  # the prologue pools a feature map of this size first
+        return (layer.batch, cin, *layer_context.input_hw(layer.pre, layer.in_hw))
     if layer.op == "linear":
         return (layer.batch, *layer.in_hw, cin)
     return (layer.batch, cin, *layer.in_hw)
 
 
+def _context_inputs(layer: LayerSpec, cout: int) -> dict[str, tuple[int, ...]]:
+    """The epilogue's other operands (a residual, a feature map to scale), by input name."""
+    return layer_context.extra_inputs(layer.post, layer.batch, cout, _out_hw(layer))
+
+
 def layer_input(layer: LayerSpec, cin: int, seed: int = 0) -> np.ndarray:
     """A seeded standard-normal input ``x`` of the layer's shape at ``cin`` input channels."""
     rng = np.random.default_rng([seed, 1])  # independent of the weight stream of the same seed
-    return rng.standard_normal(_input_shape(layer, cin)).astype(np.float32)
+    return rng.standard_normal(_input_shape(layer, cin), dtype=np.float32)
+
+
+def layer_inputs(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every input of the layer's graph: ``x`` and its epilogue's other operands."""
+    rng = np.random.default_rng([seed, 2])
+    return {"x": layer_input(layer, cin, seed),
+            **{name: rng.standard_normal(shape, dtype=np.float32)
+               for name, shape in _context_inputs(layer, cout).items()}}
 
 
 def _out_hw(layer: LayerSpec) -> tuple[int, ...]:
@@ -121,21 +151,25 @@ def _out_hw(layer: LayerSpec) -> tuple[int, ...]:
 def _output_shape(layer: LayerSpec, cout: int) -> tuple[int, ...]:
     if layer.op == "linear":
         return (layer.batch, *layer.in_hw, cout)
-    return (layer.batch, cout, *_out_hw(layer))
+    return (layer.batch, cout, *layer_context.output_hw(layer.post, _out_hw(layer)))
 
 
 def _main_nodes(layer: LayerSpec, groups: int, weights: dict[str, np.ndarray],
-                out: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
-    """The conv/linear node(s) writing ``out`` and their initializers in ONNX layout."""
+                out: str, pre: str = "",
+                src: str = "x") -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """The conv/linear node(s) reading ``src`` and writing ``out``, and their initializers in
+    ONNX layout; every other name starts with ``pre``."""
     has_bias = "bias" in weights
     if layer.op == "linear" and layer.in_hw:  # token dims: Gemm only takes 2-D inputs
-        inits = {"weight_t": np.ascontiguousarray(weights["weight"].T)}
-        nodes = [helper.make_node("MatMul", ["x", "weight_t"], ["xw" if has_bias else out])]
+        inits = {f"{pre}weight_t": np.ascontiguousarray(weights["weight"].T)}
+        nodes = [helper.make_node("MatMul", [src, f"{pre}weight_t"],
+                                  [f"{pre}xw" if has_bias else out])]
         if has_bias:
-            inits["bias"] = weights["bias"]
-            nodes.append(helper.make_node("Add", ["xw", "bias"], [out]))
+            inits[f"{pre}bias"] = weights["bias"]
+            nodes.append(helper.make_node("Add", [f"{pre}xw", f"{pre}bias"], [out]))
         return nodes, inits
-    inputs = ["x", *weights]  # "weight", then "bias" when present
+    weights = {f"{pre}{k}": v for k, v in weights.items()}
+    inputs = [src, *weights]  # weight, then bias when present
     if layer.op == "linear":
         return [helper.make_node("Gemm", inputs, [out], transB=1)], weights
     attrs = dict(
@@ -151,44 +185,139 @@ def _main_nodes(layer: LayerSpec, groups: int, weights: dict[str, np.ndarray],
     return [helper.make_node(op_type, inputs, [out], **attrs)], weights
 
 
-def _activation_nodes(act: str, src: str,
-                      out: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
-    """Nodes computing ``out = act(src)`` and the constants they need."""
+def activation_nodes(act: str, src: str, out: str,
+                     pre: str = "") -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """Nodes computing ``out = act(src)`` and the constants they need (names start with
+    ``pre``)."""
     if act == "relu6":
-        consts = {"clip_min": np.array(0.0, np.float32), "clip_max": np.array(6.0, np.float32)}
-        return [helper.make_node("Clip", [src, "clip_min", "clip_max"], [out])], consts
+        lo, hi = f"{pre}clip_min", f"{pre}clip_max"
+        consts = {lo: np.array(0.0, np.float32), hi: np.array(6.0, np.float32)}
+        return [helper.make_node("Clip", [src, lo, hi], [out])], consts
     if act == "silu":
-        return [helper.make_node("Sigmoid", [src], ["sig"]),
-                helper.make_node("Mul", [src, "sig"], [out])], {}
+        return [helper.make_node("Sigmoid", [src], [f"{pre}sig"]),
+                helper.make_node("Mul", [src, f"{pre}sig"], [out])], {}
+    if act == "hardsigmoid":  # torch's hardsigmoid: relu6(x + 3) / 6
+        return [helper.make_node("HardSigmoid", [src], [out], alpha=1 / 6, beta=0.5)], {}
     op_type = {"relu": "Relu", "hardswish": "HardSwish", "sigmoid": "Sigmoid"}[act]
     return [helper.make_node(op_type, [src], [out])], {}
 
 
-def layer_model(layer: LayerSpec, cin: int, cout: int, *, seed: int = 0,
-                opset: int = 17) -> onnx.ModelProto:
-    """The layer at (cin, cout) as a single-layer ONNX model: input ``x``, output ``y``.
-
-    Includes the bias when ``layer.bias`` and ``layer.act`` fused after it. The IR version is
-    the lowest that carries ``opset``, so older runtimes (JetPack's ONNX Runtime / TensorRT
-    parser) load it too.
-    """
-    groups = _check(layer, cin, cout)
-    nodes, inits = _main_nodes(layer, groups, layer_weights(layer, cin, cout, seed),
-                               "z" if layer.act else "y")
+def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
+                weights: dict[str, np.ndarray], out: str,
+                pre: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """One instance of the layer reading ``x``: its prologue, the conv/linear with bias and
+    activation, its epilogue (:mod:`pipeline.layer_context`)."""
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, np.ndarray] = {}
+    src = "x"
+    if layer.pre:
+        nodes, inits = layer_context.onnx_nodes(layer.pre, src, f"{pre}in", f"{pre}pre_")
+        src = f"{pre}in"
+        if layer.op == "linear":  # pooled (N, C, 1, 1) to the (N, C) a linear layer reads
+            nodes.append(helper.make_node("Flatten", [src], [f"{pre}flat"]))
+            src = f"{pre}flat"
+    core = f"{pre}z" if layer.act or layer.post else out
+    more, own = _main_nodes(layer, groups, weights, core, pre, src)
+    nodes, inits = nodes + more, inits | own
     if layer.act:
-        act_nodes, consts = _activation_nodes(layer.act, "z", "y")
-        nodes += act_nodes
-        inits = {**inits, **consts}
+        act = f"{pre}a" if layer.post else out
+        more, own = activation_nodes(layer.act, core, act, pre)
+        nodes, inits, core = nodes + more, inits | own, act
+    if layer.post:
+        more, own = layer_context.onnx_nodes(layer.post, core, out, f"{pre}post_")
+        nodes, inits = nodes + more, inits | own
+    return nodes, inits
+
+
+def _model(layer: LayerSpec, cin: int, cout: int, nodes: list[onnx.NodeProto],
+           inits: dict[str, np.ndarray], outputs: list[tuple[str, tuple[int, ...]]],
+           opset: int) -> onnx.ModelProto:
+    inputs = {"x": _input_shape(layer, cin), **_context_inputs(layer, cout)}
     graph = helper.make_graph(
         nodes,
         f"halp_{layer.op}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(_input_shape(layer, cin)))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(_output_shape(layer, cout)))],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+         for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+         for name, shape in outputs],
         initializer=[numpy_helper.from_array(v, name=k) for k, v in inits.items()],
     )
     opsets = [helper.make_opsetid("", opset)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="halp-pipeline",
                              ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def layer_model(layer: LayerSpec, cin: int, cout: int, *, seed: int = 0,
+                opset: int = 17) -> onnx.ModelProto:
+    """The layer at (cin, cout) as a single-layer ONNX model: input ``x`` (and the feature maps
+    its epilogue scales, :func:`layer_inputs`), output ``y``.
+
+    Includes the bias when ``layer.bias``, ``layer.act`` fused after it and the context ops
+    the engine runs with it (``layer.pre`` / ``layer.post``). The IR version is
+    the lowest that carries ``opset``, so older runtimes (JetPack's ONNX Runtime / TensorRT
+    parser) load it too.
+    """
+    groups = _check(layer, cin, cout)
+    nodes, inits = _layer_copy(layer, cin, cout, groups, layer_weights(layer, cin, cout, seed),
+                               "y", "")
+    return _model(layer, cin, cout, nodes, inits, [("y", _output_shape(layer, cout))], opset)
+
+
+def layer_params(layer: LayerSpec, cin: int, cout: int) -> int:
+    """Weights and bias of the layer at (cin, cout): the bytes it streams per run, / 4."""
+    groups = _check(layer, cin, cout)
+    return math.prod(_weight_shape(layer, cin, cout, groups)) + (cout if layer.bias else 0)
+
+
+def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
+               max_copies: int = MAX_COPIES) -> int:
+    """How many copies of the layer, each with its own weights, hold about ``working_set``
+    parameters: the cache state of a layer inside a network of that many parameters.
+
+    Inside a network, by the time a layer runs again every other layer's weights have passed
+    through the caches; a lone layer timed back to back finds its own still there. Copies
+    that together stream as many weights as the whole network reproduce the network's state,
+    whatever the device's cache sizes: cold where the network's weights exceed the last-level
+    cache, warm where they fit. Never more than ``max_copies`` or ``MAX_PACKED_PARAMS``; a
+    compute-bound layer (:data:`COMPUTE_BOUND`) no more than ``MAX_PACKED_MACS`` allows.
+    """
+    own = max(1, layer_params(layer, cin, cout))
+    macs = max(1, layer.batch * layer.macs_at(cin, cout))
+    limit = min(max_copies, MAX_PACKED_PARAMS // own)
+    if macs >= COMPUTE_BOUND * own:
+        limit = min(limit, MAX_PACKED_MACS // macs)
+    return int(max(1, min(limit, math.ceil(working_set / own))))
+
+
+def packed_model(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,
+                 outputs: str = "one", opset: int = 17) -> onnx.ModelProto:
+    """``copies`` instances of the layer at (cin, cout) in one graph, each with its own
+    weights, all reading the one input ``x``: one run of it, divided by ``copies``, is what the
+    layer costs inside a network (:func:`copies_for`).
+
+    The input stays warm, as when the producing layer just wrote it. ``outputs="one"``: only
+    the first copy's output ``y`` leaves the graph; the others end in the runtime's own layout,
+    as inside a network, instead of paying a conversion at a graph output (ONNX Runtime runs
+    nodes whose outputs nobody reads). ``"all"``: every copy's output ``y``, ``y_1``, ...
+    leaves the graph, for runtimes that remove unused layers (TensorRT).
+    """
+    if copies < 1 or outputs not in ("one", "all"):
+        raise ValueError(f"copies must be >= 1 and outputs 'one' or 'all' "
+                         f"(got {copies}, {outputs!r})")
+    groups = _check(layer, cin, cout)
+    base = layer_weights(layer, cin, cout, seed)
+    shape = _output_shape(layer, cout)
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, np.ndarray] = {}
+    names = ["y"] + [f"y_{i}" for i in range(1, copies)]
+    for i, out in enumerate(names):
+        # distinct values: every copy really owns its memory (no runtime may share it)
+        weights = {k: v * np.float32(1.0 + 1e-3 * i) if i else v for k, v in base.items()}
+        more, own = _layer_copy(layer, cin, cout, groups, weights, out, f"c{i}_")
+        nodes += more
+        inits |= own
+    kept = names if outputs == "all" else names[:1]
+    return _model(layer, cin, cout, nodes, inits, [(n, shape) for n in kept], opset)
 
 
 def _torch_core(layer: LayerSpec, cin: int, cout: int, groups: int) -> nn.Module:
@@ -214,4 +343,12 @@ def torch_layer(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> nn.Modu
         if "bias" in weights:
             core.bias.copy_(torch.from_numpy(weights["bias"]))
     act = [_TORCH_ACT[layer.act]()] if layer.act else []
-    return nn.Sequential(core, *act).eval()
+    before = [layer_context.TorchOps(layer.pre, {})] if layer.pre else []
+    if layer.pre and layer.op == "linear":
+        before.append(nn.Flatten())
+    after = []
+    if layer.post:
+        inputs = layer_inputs(layer, cin, cout, seed)
+        others = {int(k[1:]): torch.from_numpy(v) for k, v in inputs.items() if k != "x"}
+        after = [layer_context.TorchOps(layer.post, others)]
+    return nn.Sequential(*before, core, *act, *after).eval()

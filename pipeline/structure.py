@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from . import layer_context
 from .errors import StructureError, UnsupportedLayer
 
 SPEC_FORMAT = 1
@@ -67,6 +68,10 @@ class LayerSpec:
     in_expand: int = 1
     macs: int = 0
     params: int = 0
+    #: ops the engine runs with the layer, priced with it (:mod:`pipeline.layer_context`):
+    #: pooling before it (on its input channels), adds/products/activations/pooling after it
+    pre: list[dict[str, Any]] = field(default_factory=list)
+    post: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def signature(self) -> str:
@@ -86,6 +91,8 @@ class LayerSpec:
             parts.append(f"g{self.groups}")
         if self.output_padding and any(self.output_padding):
             parts.append("op" + "x".join(map(str, self.output_padding)))
+        if self.pre or self.post:
+            parts.append(layer_context.describe(self.pre, self.post))
         return "|".join(parts)
 
     def dims(self, counts: Mapping[int, int] | None = None) -> tuple[int, int]:
@@ -354,6 +361,9 @@ def analyze(
                                                    verbose=False)
         tp_groups = list(dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd,
                                                               nn.Linear)))
+        fused = {names[m]: _activation_after(dg.module2node[m])[1] if m in dg.module2node
+                 else None for m in model.modules() if _is_layer(m)}
+        context = layer_context.find(model, example_input, fused)
     except (UnsupportedLayer, StructureError):
         raise
     except Exception as exc:  # Torch-Pruning/autograd raise many types while tracing
@@ -440,6 +450,7 @@ def analyze(
             continue
         layers.append(_layer_spec(lname, mod, recorder.shapes[lname], dg, batch,
                                   out_group.get(lname), in_parts.get(lname, []), groups))
+        layers[-1].pre, layers[-1].post = context.get(lname, ([], []))
     return NetworkSpec(
         input_shape=tuple(example_input.shape),
         layers=layers,

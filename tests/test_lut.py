@@ -37,11 +37,12 @@ class Interrupting:
     def describe(self) -> dict:
         return self.inner.describe()
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
         if self.limit is not None and self.calls >= self.limit:
             raise KeyboardInterrupt
         self.calls += 1
-        return self.inner.time_layer(layer, cin, cout)
+        return self.inner.time_layer(layer, cin, cout, copies=copies)
 
     def module_timer(self, model: nn.Module, example_input: torch.Tensor):
         return self.inner.module_timer(model, example_input)
@@ -90,10 +91,13 @@ def test_build_covers_the_network_and_calibrates(built, resnet) -> None:
     assert cal["dense"]["measured_ms"] == table.dense_ms
     errors = [table.predict(spec, {int(g): c for g, c in ref["counts"].items()})
               - ref["measured_ms"] for ref in cal.values()]
-    if table.scale == 1.0:  # implausible fit: the dense offset alone, exact on the dense net
-        assert errors[0] == pytest.approx(0.0, abs=1e-9)
-    else:  # the least-squares line through the references: its residuals sum to zero
+    check = table.meta["check"]
+    assert check["scale"] == table.scale and check["constant_ms"] == table.constant_ms
+    assert check["additivity"] == pytest.approx(cal["dense"]["lut_ms"] / table.dense_ms)
+    if not check["warnings"]:  # the free least-squares line: its residuals sum to zero
         assert sum(errors) == pytest.approx(0.0, abs=1e-9)
+    # the protocol is recorded: how many copies stream the network's weights
+    assert table.meta["protocol"]["working_set_params"] == sum(la.params for la in spec.layers)
 
 
 def test_predict_sums_layers_at_pruned_counts(built, resnet) -> None:
@@ -201,6 +205,8 @@ def _corrupt(data: dict, how: str) -> object:
         data["format"] = "something-else"
     elif how == "version":
         data["version"] = 99
+    elif how == "old-protocol":
+        data["version"] = 1
     elif how == "no-meta-key":
         del data["meta"]["device_key"]
     elif how == "no-entries":
@@ -221,6 +227,7 @@ def _corrupt(data: dict, how: str) -> object:
 @pytest.mark.parametrize("how, message", [
     ("format", "not a HALP latency table"),
     ("version", "version 99 is not supported"),
+    ("old-protocol", "version 1 timed each layer alone"),
     ("no-meta-key", "meta is missing 'device_key'"),
     ("no-entries", "table is missing 'entries'"),
     ("negative", "expected a finite non-negative number"),
@@ -362,10 +369,12 @@ def test_cli_build_show_plot_merge(tmp_path, capsys) -> None:
     assert main(["lut", "build", "--model", "resnet18", "--input", "1x3x32x32", "--backend",
                  "onnxruntime", "--step", "512", "--threads", "1", "--out", str(out),
                  "--no-progress"]) == 0
-    assert "calibration constant" in capsys.readouterr().out
+    built = capsys.readouterr().out
+    assert "calibration scale" in built and "check: raw entries sum to" in built
     assert main(["lut", "show", str(out)]) == 0
     shown = capsys.readouterr().out
-    assert "backend onnxruntime fp32" in shown and "16 signatures" in shown
+    signatures = len(LatencyTable.load(out).entries)
+    assert "backend onnxruntime fp32" in shown and f"{signatures} signatures" in shown
     assert main(["lut", "plot", str(out), "--layer", "layer4.1.conv1", "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["lut", "merge", str(out), str(out), "-o", str(merged)]) == 0

@@ -14,9 +14,13 @@ from torch import nn
 from pipeline.errors import UnsupportedLayer
 from pipeline.onnx_layers import (
     ACTIVATIONS,
+    MAX_COPIES,
+    copies_for,
     layer_input,
     layer_model,
+    layer_params,
     layer_weights,
+    packed_model,
     torch_layer,
 )
 from pipeline.structure import LayerSpec, analyze
@@ -99,3 +103,33 @@ def test_impossible_counts_and_unknown_kinds_are_refused() -> None:
         layer_model(dataclasses.replace(spec_of("conv2d"), act="gelu"), 8, 16)
     with pytest.raises(UnsupportedLayer, match="op 'pool'"):
         layer_model(dataclasses.replace(spec_of("conv2d"), op="pool"), 8, 16)
+
+
+# --- packed graphs (the in-network protocol) ---------------------------------------------------
+
+
+def test_packed_copies_own_their_weights_and_compute_the_layer() -> None:
+    layer = spec_of("conv2d")
+    packed = packed_model(layer, 8, 16, 5)
+    onnx.checker.check_model(packed, full_check=True)
+    weights = [t for t in packed.graph.initializer if t.name.endswith("weight")]
+    assert len(weights) == 5 and len({t.raw_data for t in weights}) == 5  # nothing to share
+    assert [o.name for o in packed.graph.output] == ["y"]  # the others stay inside the graph
+    x = layer_input(layer, 8)
+    np.testing.assert_allclose(ort_run(packed, x), ort_run(layer_model(layer, 8, 16), x),
+                               rtol=1e-5, atol=1e-6)
+    every = packed_model(layer, 8, 16, 3, outputs="all")
+    assert [o.name for o in every.graph.output] == ["y", "y_1", "y_2"]
+    with pytest.raises(ValueError, match="copies must be >= 1"):
+        packed_model(layer, 8, 16, 0)
+
+
+def test_copies_stream_the_network_working_set_within_limits() -> None:
+    layer = dataclasses.replace(spec_of("conv2d"), in_hw=(2, 2), out_hw=(1, 1))
+    own = layer_params(layer, 8, 16)
+    assert own == 16 * 8 * 9 + 16
+    assert copies_for(layer, 8, 16, working_set=10 * own) == 10
+    assert copies_for(layer, 8, 16, working_set=own // 2) == 1
+    assert copies_for(layer, 8, 16, working_set=10**9) == MAX_COPIES
+    big = dataclasses.replace(layer, in_hw=(512, 512), out_hw=(256, 256))  # compute-bound
+    assert copies_for(big, 8, 16, working_set=10**9) == 1

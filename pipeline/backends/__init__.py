@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import HalpError
-from ..onnx_layers import layer_input, layer_model
+from ..onnx_layers import layer_inputs, packed_model
 from ..structure import LayerSpec
 from .timing import Measurement, TimingSettings
 
@@ -50,7 +50,12 @@ class Backend(Protocol):
     def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
                   inputs: dict[str, np.ndarray]) -> Measurement: ...
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int) -> Measurement: ...
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
+        """The layer at (cin, cout) as it costs inside a network: ``copies`` instances with
+        their own weights run back to back (:func:`~pipeline.onnx_layers.copies_for`), and
+        the measurement is one instance's share."""
+        ...
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement: ...
 
@@ -81,14 +86,18 @@ class OnnxBackend(ABC):
     name: str
     precision: str
     settings: TimingSettings
+    #: which outputs a packed layer graph keeps (:func:`~pipeline.onnx_layers.packed_model`)
+    packed_outputs = "one"
 
     @abstractmethod
     def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
                   inputs: dict[str, np.ndarray]) -> Measurement:
         """Time one inference of ``model`` on ``inputs`` (name -> array)."""
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int) -> Measurement:
-        return self.time_onnx(layer_model(layer, cin, cout), {"x": layer_input(layer, cin)})
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
+        graph = packed_model(layer, cin, cout, copies, outputs=self.packed_outputs)
+        return self.time_onnx(graph, layer_inputs(layer, cin, cout)).per_copy(copies)
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         return self.module_timer(model, example_input)()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +9,6 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import BackendUnavailable, HalpError
-from ..onnx_layers import layer_input, layer_model
-from ..structure import LayerSpec
 from . import OnnxBackend, onnx_bytes
 from .timing import (
     Measurement,
@@ -24,14 +19,9 @@ from .timing import (
     measure,
     simd_channels,
     slug,
-    warm_up,
 )
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-#: ONNX Runtime's layout conversions at a graph's edges. Inside a network the CPU provider keeps
-#: activations in its blocked layout (NCHWc) from one convolution to the next, so a layer timed
-#: alone must not be charged for converting its input and output (35-65% of a small layer).
-LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
 
 
 class OnnxRuntimeBackend(OnnxBackend):
@@ -69,11 +59,8 @@ class OnnxRuntimeBackend(OnnxBackend):
         #: LUT grid step and pruning unit: the kernel's channel block (CUDA EP: tensor cores' 8)
         self.default_step = simd_channels() if device == "cpu" else 8
 
-    def _session(self, data: bytes, profile_prefix: str | None = None) -> ort.InferenceSession:
+    def _session(self, data: bytes) -> ort.InferenceSession:
         opts = ort.SessionOptions()
-        if profile_prefix is not None:
-            opts.enable_profiling = True
-            opts.profile_file_prefix = profile_prefix
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = self.threads
@@ -108,20 +95,6 @@ class OnnxRuntimeBackend(OnnxBackend):
         binding = self._binding(sess, inputs)
         return measure(host_timer(lambda: sess.run_with_iobinding(binding)), self.settings)
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int) -> Measurement:
-        """The layer's kernel time as it runs inside a network: ORT's profiler times each node,
-        and the layout conversions ORT adds at the single-layer graph's edges are left out."""
-        data = layer_model(layer, cin, cout).SerializeToString()
-        with tempfile.TemporaryDirectory(prefix="halp-ort-") as tmp:
-            sess = self._session(data, profile_prefix=str(Path(tmp) / "layer"))
-            binding = self._binding(sess, {"x": layer_input(layer, cin)})
-            warm, inner = warm_up(host_timer(lambda: sess.run_with_iobinding(binding)),
-                                  self.settings)
-            for _ in range(self.settings.repeats * inner):
-                sess.run_with_iobinding(binding)
-            events = json.loads(Path(sess.end_profiling()).read_text())
-        return _kernel_measurement(events, skip=warm + 1, settings=self.settings, inner=inner)
-
     def describe(self) -> dict:
         if self.device == "cpu":
             device = cpu_name()
@@ -143,21 +116,3 @@ class OnnxRuntimeBackend(OnnxBackend):
             "settings": self.settings.to_dict(),
         }
 
-
-def _kernel_measurement(events: list[dict], *, skip: int, settings: TimingSettings,
-                        inner: int) -> Measurement:
-    """Per run, the summed kernel time of every node but the layout conversions; the first
-    ``skip`` runs (binding's first run and the warm-up) are dropped, the rest averaged over
-    ``inner`` consecutive runs per sample."""
-    per_node: dict[str, list[float]] = defaultdict(list)
-    for e in events:
-        if (e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-                and e.get("args", {}).get("op_name") not in LAYOUT_OPS):
-            per_node[e["name"]].append(e["dur"] / 1e3)  # microseconds -> ms
-    if not per_node:
-        raise HalpError("ONNX Runtime's profile has no kernel events for this layer")
-    repeats = settings.repeats
-    runs = np.sum([durations[skip:skip + repeats * inner] for durations in per_node.values()],
-                  axis=0)
-    return Measurement.from_samples(runs.reshape(repeats, inner).mean(axis=1), inner,
-                                    settings.statistic)

@@ -108,6 +108,8 @@ class TensorRTBackend(OnnxBackend):
     """Builds an engine per ONNX model at the backend's precision and times it on device 0."""
 
     name = "tensorrt"
+    #: TensorRT removes layers whose outputs nobody reads: every copy's output is kept
+    packed_outputs = "all"
 
     def __init__(self, precision: str = "fp32", *, settings: TimingSettings | None = None):
         self.trt = _require("tensorrt")

@@ -54,6 +54,13 @@ class Measurement:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def per_copy(self, copies: int) -> Measurement:
+        """One copy's share of a run of ``copies`` identical ops (a packed graph)."""
+        if copies == 1:
+            return self
+        return replace(self, median_ms=self.median_ms / copies, p10_ms=self.p10_ms / copies,
+                       p90_ms=self.p90_ms / copies)
+
     @classmethod
     def from_dict(cls, data: dict) -> Measurement:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
@@ -131,6 +138,24 @@ def measure(time_batch: BatchTimer, settings: TimingSettings) -> Measurement:
 #: references, prune's dense/pruned pair): a shared CPU's fast spells are short and rare (about
 #: 15% of 100 ms windows on the CI host), and :func:`combine` keeps the fastest round there
 ROUNDS = 9
+
+
+def interleaved(timers: Sequence[Callable[[], Measurement]], rounds: int = ROUNDS,
+                tick: Callable[[], object] | None = None) -> list[Measurement]:
+    """Measure every timer once per round, round after round, and combine each one's rounds
+    (:func:`combine`).
+
+    Interleaving spreads slow drifts of the machine (clocks, neighbours on a shared host) over
+    all variants alike instead of penalising whichever was measured during a slow spell.
+    ``tick`` is called after each measurement (a progress bar's update).
+    """
+    results: list[list[Measurement]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            results[i].append(timer())
+            if tick is not None:
+                tick()
+    return [combine(r) for r in results]
 
 
 def combine(measurements: Sequence[Measurement]) -> Measurement:

@@ -86,6 +86,20 @@ def cuda_graph(module: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], 
     return graph.replay, out
 
 
+class _Copies(nn.Module):
+    """Instances of one layer, each with its own weights, run one after the other on the same
+    input: a packed layer (:func:`~pipeline.onnx_layers.packed_model`) for eager torch."""
+
+    def __init__(self, copies: list[nn.Module]):
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.copies:
+            out = layer(x)
+        return out
+
+
 class TorchBackend:
     """Times nn.Modules eagerly under ``torch.inference_mode``.
 
@@ -149,8 +163,11 @@ class TorchBackend:
             replay, _ = cuda_graph(module, x)
             return measure(cuda_timer(replay), self.settings)
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int) -> Measurement:
-        return self._time(torch_layer(layer, cin, cout), torch.from_numpy(layer_input(layer, cin)))
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
+        packed = _Copies([torch_layer(layer, cin, cout, seed=i) for i in range(copies)])
+        x = torch.from_numpy(layer_input(layer, cin))
+        return self._time(packed, x).per_copy(copies)
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         return self.module_timer(model, example_input)()
