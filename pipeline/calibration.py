@@ -1,11 +1,12 @@
-"""Calibrating per-layer LUT entries against whole networks: measured ≈ scale · Σ entries + b.
+"""Checking per-layer LUT entries against whole networks: measured ≈ scale · Σ entries + b.
 
-A layer timed alone is not quite the same layer inside a network: there its weights compete for
-cache with every other layer's, and the ops the table does not model (pooling, adds, the
-runtime's per-node work) cost something too. Part of that difference is fixed (``constant_ms``),
-part grows with the layers (``scale``). One dense measurement can only pin the constant; the
-dense network plus copies with every prunable group at half and at a quarter width pin both, as
-the least-squares line through the three.
+The table's entries are measured the way each layer runs inside the network (packed with the
+network's working set of weights, :data:`pipeline.lut.PROTOCOL`), so their raw sum should
+explain the dense network by itself. The fit through the dense network and copies with every
+prunable group at half and at a quarter width is a check and a small correction: the runtime's
+per-run work and the ops the table does not price (pooling, flatten) land in ``constant_ms``.
+A fit that needs a scale outside :data:`SCALE_RANGE` or a negative constant means the table
+does not describe this device, and it is reported loudly rather than absorbed.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from .errors import StructureError
 from .slim import slim
 from .structure import NetworkSpec
 
-#: a fitted scale outside this range means the two references were measured too noisily to
-#: separate the factor from the constant; the constant alone is used then
-SCALE_RANGE = (0.5, 2.0)
+#: the correction a sound table may need: beyond it the table and the device disagree
+SCALE_RANGE = (0.85, 1.15)
+#: raw additivity (Σ dense entries / measured dense) outside 1 ± this is reported
+ADDITIVITY_TOLERANCE = 0.15
+#: a constant below -this fraction of the dense network is reported; closer to zero it is
+#: within what two measurements of the same network differ by on a shared CPU
+CONSTANT_FLOOR = 0.02
 
 #: reduced-width reference networks: the fraction of each group's channels they keep
 REFERENCES = {"half": 0.5, "quarter": 0.25}
@@ -35,22 +40,69 @@ log = logging.getLogger(__name__)
 class Calibration:
     scale: float
     constant_ms: float
+    #: raw Σ entries / measured ms of the dense network (1.0: the table explains it alone)
+    additivity: float = 1.0
+    #: what disagreed (empty when the table and the device agree)
+    warnings: tuple[str, ...] = ()
 
     def predict(self, layers_ms: float) -> float:
         return self.scale * layers_ms + self.constant_ms
 
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "constant_ms": self.constant_ms,
+                "additivity": self.additivity, "warnings": list(self.warnings)}
+
 
 def fit(*points: tuple[float, float]) -> Calibration:
     """From (Σ LUT entries, measured ms) of the reference networks, dense first: the
-    least-squares line through them, or the dense offset alone."""
-    (lut_d, ms_d), spread = points[0], max(p[0] for p in points) - min(p[0] for p in points)
-    if len(points) > 1 and spread > 1e-9 * max(lut_d, 1e-12):
-        scale, constant = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
-        if SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
-            return Calibration(float(scale), float(constant))
-        log.warning("calibration scale %.3g is implausible (measurements too noisy); using "
-                    "the dense constant only", scale)
-    return Calibration(1.0, ms_d - lut_d)
+    least-squares line through them, kept within :data:`SCALE_RANGE` and a constant >= 0.
+
+    When the free fit leaves those bounds, the best line inside them is used and the
+    calibration carries warnings that say how far off the table is; they are also logged.
+    """
+    xs = np.array([p[0] for p in points], dtype=float)
+    ys = np.array([p[1] for p in points], dtype=float)
+    additivity = float(xs[0] / ys[0]) if ys[0] > 0 else float("inf")
+    warnings = []
+    if abs(additivity - 1.0) > ADDITIVITY_TOLERANCE:
+        warnings.append(
+            f"the table's entries sum to {100 * additivity:.0f}% of the measured dense network "
+            f"({xs[0]:.4g} vs {ys[0]:.4g} ms; a sound table is within "
+            f"±{100 * ADDITIVITY_TOLERANCE:.0f}%)")
+    free = _line(xs, ys)
+    scale, constant = _bounded(xs, ys, free, floor=-CONSTANT_FLOOR * float(ys[0]))
+    if (scale, constant) != free:
+        warnings.append(
+            f"the fit through {len(points)} reference network(s) needs scale {free[0]:.3g} "
+            f"and constant {free[1]:+.3g} ms (allowed: scale {SCALE_RANGE[0]}..{SCALE_RANGE[1]},"
+            f" constant >= {-CONSTANT_FLOOR:g} x dense); using scale {scale:.3g}, constant "
+            f"{constant:.3g} ms")
+    for text in warnings:
+        log.warning("latency table check: %s. The layers are not timed the way this device "
+                    "runs them inside the network: rebuild the table on the target, and see "
+                    "`halp lut show` for the entries that weigh most", text)
+    return Calibration(scale, constant, additivity, tuple(warnings))
+
+
+def _line(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float]:
+    """Least-squares (scale, constant); with one point (or no spread) the dense offset."""
+    if len(xs) > 1 and np.ptp(xs) > 1e-9 * max(float(xs[0]), 1e-12):
+        scale, constant = np.polyfit(xs, ys, 1)
+        return float(scale), float(constant)
+    return 1.0, float(ys[0] - xs[0])
+
+
+def _bounded(xs: np.ndarray, ys: np.ndarray, free: tuple[float, float],
+             floor: float) -> tuple[float, float]:
+    """``free`` when its scale is in :data:`SCALE_RANGE` and its constant above ``floor``;
+    else the least-squares line with scale in range and constant >= 0."""
+    lo, hi = SCALE_RANGE
+    if lo <= free[0] <= hi and free[1] >= floor:
+        return free
+    candidates = []
+    for s in (lo, hi, float(np.clip(xs @ ys / max(xs @ xs, 1e-12), lo, hi))):
+        candidates.append((s, max(0.0, float(np.mean(ys - s * xs)))))
+    return min(candidates, key=lambda sc: float(np.sum((sc[0] * xs + sc[1] - ys) ** 2)))
 
 
 def scaled_counts(spec: NetworkSpec, fraction: float, step: int = 8) -> dict[int, int]:

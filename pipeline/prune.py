@@ -22,9 +22,9 @@ from torch import nn
 
 from . import engine
 from .backends import Backend, Measurement, get_backend
-from .backends.timing import ROUNDS, combine, slug
+from .backends.timing import interleaved, slug
 from .data import load_data
-from .errors import HalpError
+from .errors import HalpError, InfeasibleBudget
 from .export import to_onnx
 from .fsio import atomic_write_json
 from .lut import LatencyTable, build_lut
@@ -37,6 +37,9 @@ from .train import evaluate, fit
 #: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest
 #: recovers accuracy at the final architecture
 PRUNE_SPAN = 0.6
+#: with ``relax_target``, an infeasible target becomes this multiple of the smallest network
+#: the table predicts (all the way down, pruning would leave one unit per group)
+RELAXED_MARGIN = 1.15
 
 
 @dataclass
@@ -63,6 +66,9 @@ class PruneConfig:
     lut_passes: int = 3  # repeats spread over the build: a noisy point misleads the knapsack
     seed: int = 0
     lut_cache: Path = Path("luts/cache")  # where --lut auto keeps tables, keyed by device
+    #: an infeasible target is raised to the smallest feasible one (with a margin) and said,
+    #: instead of stopping the run: the demo must finish on any machine
+    relax_target: bool = False
     train_device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available()
                               else "cpu")
 
@@ -208,8 +214,19 @@ def _prune_interval(cfg: PruneConfig, batches: int) -> int:
 
 def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable, data: Any,
            interval: int, out: Path, log: Callable[[str], Any]) -> HalpPruner:
-    pruner = HalpPruner(model, x, lut, target=None if cfg.target_ms else cfg.target,
-                        target_ms=cfg.target_ms, steps=cfg.steps, interval=interval, log=log)
+    def pruner_for(target: float | None, target_ms: float | None) -> HalpPruner:
+        return HalpPruner(model, x, lut, target=None if target_ms else target,
+                          target_ms=target_ms, steps=cfg.steps, interval=interval, log=log)
+
+    try:
+        pruner = pruner_for(cfg.target, cfg.target_ms)
+    except InfeasibleBudget as exc:
+        if not cfg.relax_target:
+            raise
+        relaxed = RELAXED_MARGIN * exc.minimum
+        log(f"{exc}.\nOn this machine the table cannot reach {_target_text(cfg)}: pruning to "
+            f"{relaxed:.4g} ms instead, {RELAXED_MARGIN:g}x the smallest network it predicts")
+        pruner = pruner_for(None, relaxed)
     log(f"dense predicted {pruner.dense_ms:.4g} ms → target {pruner.target_ms:.4g} ms; "
         f"{cfg.steps} steps every {interval} iterations")
     ckpt = out / f"finetune-{_settings_key(cfg, FINETUNE_SETTINGS, lut)}.ckpt"
@@ -231,11 +248,9 @@ def _export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: 
 def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
                   backend: Backend) -> tuple[Measurement, Measurement]:
     """Alternate dense and pruned rounds so drift (clocks, other load) hits both alike."""
-    rounds: dict[str, list[Measurement]] = {"dense": [], "pruned": []}
-    for _ in range(ROUNDS):
-        rounds["dense"].append(engine.measure(dense, backend))
-        rounds["pruned"].append(engine.measure(pruned, backend))
-    return combine(rounds["dense"]), combine(rounds["pruned"])
+    pair = interleaved([lambda: engine.measure(dense, backend),
+                        lambda: engine.measure(pruned, backend)])
+    return pair[0], pair[1]
 
 
 def render(report: dict[str, Any]) -> str:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import Backend, Measurement
-from .backends.timing import ROUNDS, combine
+from .backends import Backend
+from .backends.timing import ROUNDS, interleaved
 from .calibration import fit, references
 from .errors import HalpError
 from .lut import LatencyTable
@@ -193,7 +193,9 @@ def verify(
         variants.append((kind, counts, slim(model, example_input, keep, spec=spec)
                          if keep else model))
     timers = [backend.module_timer(v, example_input) for _, _, v in variants]
-    measured = _interleaved(timers, rounds, progress)
+    with progress_bar(total=rounds * len(timers), desc="measure", unit="run",
+                      disable=not progress) as bar:
+        measured = interleaved(timers, rounds, bar.update)
 
     def entries_ms(counts: dict[int, int]) -> float:
         return sum(lut.layer_latencies(spec, counts, calibrated=False).values())
@@ -212,25 +214,6 @@ def verify(
         report.samples.append(Sample(kind, counts, cal.predict(entries_ms(counts)), m.ms,
                                      m.p10_ms, m.p90_ms))
     return report
-
-
-def _interleaved(timers: Sequence[Callable[[], Measurement]], rounds: int,
-                 progress: bool) -> list[Measurement]:
-    """Measure every variant once per round, round after round, and combine each one's rounds
-    by the protocol's rule (:func:`~pipeline.backends.timing.combine`).
-
-    Interleaving spreads slow drifts of the machine (clocks, neighbours on a shared host) over
-    all variants alike instead of penalising whichever was measured during a slow spell.
-    """
-    results: list[list[Measurement]] = [[] for _ in timers]
-    steps = progress_bar(total=rounds * len(timers), desc="measure", unit="run",
-                         disable=not progress)
-    for _ in range(rounds):
-        for i, timer in enumerate(timers):
-            results[i].append(timer())
-            steps.update()
-    steps.close()
-    return [combine(r) for r in results]
 
 
 def render(report: VerifyReport) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import HalpError
 from ..lut import LatencyTable, LutEntry, build_lut, journal_path
 from ..plotting import save_png, subplots
+from ..prune import PruneConfig
 from ..structure import analyze
 from .common import (
     add_backend_args,
@@ -18,6 +19,9 @@ from .common import (
     format_table,
     model_from_args,
 )
+
+#: grid points per channel axis unless told otherwise: as `halp prune` builds its tables
+DEFAULT_MAX_POINTS = PruneConfig.lut_max_points
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--step", type=_positive, default=None,
                    help="channel grid step for prunable sides (default: the backend's channel "
                         "block, 16 on AVX-512 CPUs, else 8); also the pruning unit")
-    b.add_argument("--max-points", type=_positive, default=None,
-                   help="at most this many grid points per channel axis (coarser, faster)")
+    b.add_argument("--max-points", type=_points, default=DEFAULT_MAX_POINTS,
+                   help="at most this many grid points per channel axis (default "
+                        f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step, slower)")
     b.add_argument("--passes", type=_positive, default=1,
                    help="measure every point this many times, in separately shuffled passes, "
                         "combined by the timing protocol (fastest on CPU, median on GPU); 3 "
@@ -58,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("b")
     m.add_argument("-o", "--out", required=True)
     m.set_defaults(func=run_merge)
+
+
+def _points(text: str) -> int | None:
+    return None if text == "all" else _positive(text)
 
 
 def _positive(text: str) -> int:
@@ -126,8 +135,32 @@ def render(table: LatencyTable) -> str:
     dense = f"{table.dense_ms:.3f} ms" if table.dense_ms is not None else "not measured"
     const = f"{table.constant_ms:.3f} ms" if table.constant_ms is not None else "none"
     totals = (f"{len(table.entries)} signatures, {npoints} points; dense network {dense}, "
-              f"calibration constant {const}")
-    return "\n".join([*header, "", body, "", totals])
+              f"calibration scale {table.scale:.3g}, constant {const}")
+    return "\n".join([*header, "", body, "", totals, *_check_lines(table)])
+
+
+def _check_lines(table: LatencyTable) -> list[str]:
+    """How well the raw entries explain the measured networks, loudly when they do not, and
+    the entries that weigh most in the dense network (where to look first)."""
+    check = table.meta.get("check")
+    if not check:
+        return []
+    lines = [f"check: raw entries sum to {100 * check['additivity']:.1f}% of the measured dense "
+             f"network; fit scale {check['scale']:.3g}, constant {check['constant_ms']:+.3g} ms"]
+    lines += [f"WARNING: {text}" for text in check["warnings"]]
+    refs = table.meta.get("calibration") or {}
+    if refs:
+        lines.append("references (raw Σ entries / measured): " + ", ".join(
+            f"{name} {ref['lut_ms']:.4g}/{ref['measured_ms']:.4g} ms "
+            f"({ref['lut_ms'] / ref['measured_ms']:.2f})" for name, ref in refs.items()))
+    weight = {sig: max(m.ms for m in e.points.values()) * len(e.layers)
+              for sig, e in table.entries.items()}
+    total = sum(weight.values()) or 1.0
+    heaviest = sorted(weight, key=weight.get, reverse=True)[:5]
+    lines.append("heaviest entries at full width: " + "; ".join(
+        f"{sig} ({len(table.entries[sig].layers)} layers, {100 * weight[sig] / total:.0f}%)"
+        for sig in heaviest))
+    return lines
 
 
 def _span(values: np.ndarray) -> str:

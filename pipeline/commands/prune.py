@@ -13,7 +13,7 @@ from ..prune import PruneConfig, run
 #: (stable timings on a shared 2-core machine), half the dense latency
 DEMO = PruneConfig(model="resnet18", data="digits", input_shape=(1, 3, 64, 64),
                    out=Path("engines/demo"), threads=1, target=0.5, baseline_epochs=8, epochs=6,
-                   steps=10)
+                   steps=10, relax_target=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,143 @@
+"""Does the latency table hold on models it was not tuned on? One table per model, input and
+thread count, built with the defaults of `halp lut build`, then `halp verify` on it.
+
+    .venv/bin/python tools/bench_latency_model.py [--only resnet18] [--samples 12] [--out DIR]
+
+Prints one line per (model, input, threads): raw additivity (Σ dense entries / measured dense,
+in the verify run), the calibration fit that run needed, MAPE, share of samples within ±10%,
+worst error, Spearman, build seconds and points, against the goals of the in-network timing
+issue (MAPE <= 5%, >= 95% within ±10%, Spearman >= 0.95, additivity within ±15%). Each
+finished line is kept in DIR/results.jsonl, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backends import get_backend
+from pipeline.backends.timing import cpu_name, default_threads
+from pipeline.commands.common import format_table
+from pipeline.commands.lut import DEFAULT_MAX_POINTS
+from pipeline.fsio import append_journal, read_journal
+from pipeline.lut import build_lut
+from pipeline.models import load_model
+from pipeline.structure import analyze
+from pipeline.verify import verify
+
+#: (model, input shape): the issue's six, and one no issue names
+CASES = [
+    ("resnet18", (1, 3, 64, 64)),
+    ("resnet18", (1, 3, 224, 224)),
+    ("mobilenet_v2", (1, 3, 224, 224)),
+    ("efficientnet_b0", (1, 3, 224, 224)),
+    ("mobilenet_v3_large", (1, 3, 160, 160)),
+    ("resnet50", (1, 3, 224, 224)),
+    ("vgg11_bn", (1, 3, 64, 64)),
+]
+GOALS = {"mape": 5.0, "within10": 95.0, "spearman": 0.95, "additivity": 0.15}
+
+
+def cache_sizes() -> str:
+    """The CPU's cache sizes as sysfs lists them (e.g. ``L1d 48K, L2 2048K, L3 30720K``)."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    parts = []
+    for index in sorted(root.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        parts.append(f"L{level}{suffix} {size}")
+    return ", ".join(parts) or "unknown"
+
+
+def run_case(model_name: str, shape: tuple[int, ...], threads: int, samples: int,
+             out: Path) -> dict:
+    torch.manual_seed(0)
+    model = load_model(model_name, num_classes=10).eval()
+    x = torch.randn(*shape)
+    spec = analyze(model, x, name=model_name)
+    backend = get_backend("onnxruntime", "fp32", threads=threads)
+    tag = f"{model_name}-{'x'.join(map(str, shape))}-t{threads}"
+    started = time.perf_counter()
+    lut = build_lut(spec, backend, max_points=DEFAULT_MAX_POINTS, out=out / f"{tag}.json",
+                    model=model, example_input=x, progress=False)
+    build_s = time.perf_counter() - started
+    report = verify(model, x, lut, backend, samples=samples, name=model_name, progress=False,
+                    log=lambda _msg: None)
+    errors = np.array([s.error_pct for s in report.samples])
+    dense_entries = sum(lut.layer_latencies(spec, calibrated=False).values())
+    return {
+        "model": model_name, "input": "x".join(map(str, shape)), "threads": threads,
+        "additivity": dense_entries / report.dense_measured_ms,
+        "scale": report.scale, "constant_ms": report.constant_ms,
+        "dense_ms": report.dense_measured_ms, "mape": report.mape,
+        "within10": float(100 * np.mean(np.abs(errors) <= 10.0)),
+        "worst": float(np.max(np.abs(errors))), "spearman": report.spearman,
+        "build_s": build_s, "points": int(lut.meta["points"]),
+    }
+
+
+def meets(r: dict) -> bool:
+    return (r["mape"] <= GOALS["mape"] and r["within10"] >= GOALS["within10"]
+            and r["spearman"] >= GOALS["spearman"]
+            and abs(r["additivity"] - 1) <= GOALS["additivity"])
+
+
+def render(results: list[dict]) -> str:
+    rows = [[r["model"], r["input"], r["threads"], f"{r['additivity']:.3f}",
+             f"{r['scale']:.3f}", f"{r['constant_ms']:+.3f}", f"{r['mape']:.2f}",
+             f"{r['within10']:.0f}", f"{r['worst']:.1f}", f"{r['spearman']:.3f}",
+             f"{r['build_s']:.0f}", r["points"], "yes" if meets(r) else "NO"]
+            for r in results]
+    return format_table(["model", "input", "threads", "raw Σ/dense", "fit scale", "fit const",
+                         "MAPE %", "±10% %", "worst %", "spearman", "build s", "points",
+                         "goals"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help="run only this model")
+    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated thread counts (default: 1 and the default)")
+    parser.add_argument("--out", default="/tmp/halp-bench-latency-model")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {(r["model"], r["input"], r["threads"]): r
+            for r in (read_journal(results_path) if results_path.exists() else [])}
+    threads = sorted({int(t) for t in args.threads.split(",")} if args.threads
+                     else {1, default_threads()})
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs; caches {cache_sizes()}); "
+          f"default threads {default_threads()}", flush=True)
+    results = []
+    for model_name, shape in CASES:
+        if args.only and model_name != args.only:
+            continue
+        for t in threads:
+            key = (model_name, "x".join(map(str, shape)), t)
+            if key not in done:
+                done[key] = run_case(model_name, shape, t, args.samples, out)
+                append_journal(results_path, done[key])
+            results.append(done[key])
+            print(json.dumps(done[key]), flush=True)
+    print(render(results))
+    return 0 if all(meets(r) for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
