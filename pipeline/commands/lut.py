@@ -20,8 +20,9 @@ from .common import (
     model_from_args,
 )
 
-#: grid points per channel axis unless told otherwise: as `halp prune` builds its tables
+#: grid points per channel axis and passes unless told otherwise: as `halp prune` builds
 DEFAULT_MAX_POINTS = PruneConfig.lut_max_points
+DEFAULT_PASSES = PruneConfig.lut_passes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,10 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-points", type=_points, default=DEFAULT_MAX_POINTS,
                    help="at most this many grid points per channel axis (default "
                         f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step, slower)")
-    b.add_argument("--passes", type=_positive, default=1,
+    b.add_argument("--passes", type=_positive, default=DEFAULT_PASSES,
                    help="measure every point this many times, in separately shuffled passes, "
-                        "combined by the timing protocol (fastest on CPU, median on GPU); 3 "
-                        "makes tables much steadier on shared or throttling machines")
+                        "combined by the timing protocol (fastest on CPU, median on GPU); "
+                        f"default {DEFAULT_PASSES}: a shared or throttling machine has slow "
+                        "spells of seconds, and one pass leaves points measured in them")
     b.add_argument("--out", required=True, help="table to write (JSON); journal beside it")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
