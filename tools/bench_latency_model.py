@@ -4,10 +4,11 @@ thread count, built with the defaults of `halp lut build`, then `halp verify` on
     .venv/bin/python tools/bench_latency_model.py [--only resnet18] [--samples 12] [--out DIR]
 
 Prints one line per (model, input, threads): raw additivity (Σ dense entries / measured dense,
-in the verify run), the calibration fit that run needed, MAPE, share of samples within ±10%,
-worst error, Spearman, build seconds and points, against the goals of the in-network timing
-issue (MAPE <= 5%, >= 95% within ±10%, Spearman >= 0.95, additivity within ±15%). Each
-finished line is kept in DIR/results.jsonl, so an interrupted run resumes where it stopped.
+as the build's check measured it and in the verify run), the calibration fit that run needed,
+MAPE, share of samples within ±10%, worst error, Spearman, build seconds and points, against
+the goals of the in-network timing issue (MAPE <= 5%, >= 95% within ±10%, Spearman >= 0.95,
+additivity within ±15%). Each finished line is kept in DIR/results.jsonl, so an interrupted
+run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def run_case(model_name: str, shape: tuple[int, ...], threads: int, samples: int
     return {
         "model": model_name, "input": "x".join(map(str, shape)), "threads": threads,
         "additivity": dense_entries / report.dense_measured_ms,
+        "additivity_build": lut.meta["check"]["additivity"],
         "scale": report.scale, "constant_ms": report.constant_ms,
         "dense_ms": report.dense_measured_ms, "mape": report.mape,
         "within10": float(100 * np.mean(np.abs(errors) <= 10.0)),
@@ -89,18 +91,23 @@ def run_case(model_name: str, shape: tuple[int, ...], threads: int, samples: int
 
 
 def meets(r: dict) -> bool:
+    """Every goal, raw additivity against the dense network measured in the verify run (the
+    stricter of the two: the build's own check measures it minutes earlier, on the same host
+    state as the entries)."""
     return (r["mape"] <= GOALS["mape"] and r["within10"] >= GOALS["within10"]
             and r["spearman"] >= GOALS["spearman"]
             and abs(r["additivity"] - 1) <= GOALS["additivity"])
 
 
 def render(results: list[dict]) -> str:
-    rows = [[r["model"], r["input"], r["threads"], f"{r['additivity']:.3f}",
+    rows = [[r["model"], r["input"], r["threads"], f"{r['additivity_build']:.3f}",
+             f"{r['additivity']:.3f}",
              f"{r['scale']:.3f}", f"{r['constant_ms']:+.3f}", f"{r['mape']:.2f}",
              f"{r['within10']:.0f}", f"{r['worst']:.1f}", f"{r['spearman']:.3f}",
              f"{r['build_s']:.0f}", r["points"], "yes" if meets(r) else "NO"]
             for r in results]
-    return format_table(["model", "input", "threads", "raw Σ/dense", "fit scale", "fit const",
+    return format_table(["model", "input", "threads", "Σ/dense build", "Σ/dense verify",
+                         "fit scale", "fit const",
                          "MAPE %", "±10% %", "worst %", "spearman", "build s", "points",
                          "goals"], rows)
 
