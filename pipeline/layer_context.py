@@ -37,6 +37,8 @@ Op = dict[str, Any]
 #: activations an engine applies as it writes a tensor (module type -> name)
 ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
                nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+#: the same activations by name, as torch modules build them
+TORCH_ACTIVATIONS = {name: module for module, name in ACT_MODULES.items()}
 ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu",
                  F.hardswish: "hardswish", torch.sigmoid: "sigmoid",
                  F.hardsigmoid: "hardsigmoid"}
@@ -308,6 +310,8 @@ class TorchOps(nn.Module):
     def __init__(self, ops: Sequence[Op], others: Mapping[int, torch.Tensor]):
         super().__init__()
         self.ops = [dict(op) for op in ops]
+        self.acts = nn.ModuleDict({str(i): TORCH_ACTIVATIONS[op["fn"]]()
+                                   for i, op in enumerate(ops) if op["op"] == "act"})
         for i, tensor in others.items():
             self.register_buffer(f"r{i}", tensor)
 
@@ -315,7 +319,7 @@ class TorchOps(nn.Module):
         for i, op in enumerate(self.ops):
             kind = op["op"]
             if kind == "act":
-                x = _TORCH_ACTS[op["fn"]](x)
+                x = self.acts[str(i)](x)
             elif kind == "mul":
                 x = x * getattr(self, f"r{i}")
             elif kind == "gap":
@@ -329,6 +333,3 @@ class TorchOps(nn.Module):
                                  count_include_pad=op["count_include_pad"])
         return x
 
-
-_TORCH_ACTS = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish,
-               "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}

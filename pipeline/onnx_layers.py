@@ -21,7 +21,7 @@ from . import layer_context
 from .errors import UnsupportedLayer
 from .structure import LayerSpec
 
-ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid")
+ACTIVATIONS = tuple(layer_context.TORCH_ACTIVATIONS)
 OPS = ("conv", "dwconv", "linear", "deconv")
 #: most copies of one layer in a packed graph (:func:`copies_for`): enough to stream a large
 #: network's weights past a small layer, few enough that building the graph stays cheap
@@ -37,14 +37,6 @@ COMPUTE_BOUND = 32
 #: on one CPU core)
 MAX_PACKED_MACS = 1 << 26
 
-_TORCH_ACT = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "silu": nn.SiLU,
-    "hardswish": nn.Hardswish,
-    "sigmoid": nn.Sigmoid,
-    "hardsigmoid": nn.Hardsigmoid,
-}
 
 
 def _check(layer: LayerSpec, cin: int, cout: int) -> int:
@@ -342,7 +334,7 @@ def torch_layer(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> nn.Modu
         core.weight.copy_(torch.from_numpy(weights["weight"]))
         if "bias" in weights:
             core.bias.copy_(torch.from_numpy(weights["bias"]))
-    act = [_TORCH_ACT[layer.act]()] if layer.act else []
+    act = [layer_context.TORCH_ACTIVATIONS[layer.act]()] if layer.act else []
     before = [layer_context.TorchOps(layer.pre, {})] if layer.pre else []
     if layer.pre and layer.op == "linear":
         before.append(nn.Flatten())

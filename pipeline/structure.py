@@ -69,7 +69,7 @@ class LayerSpec:
     macs: int = 0
     params: int = 0
     #: ops the engine runs with the layer, priced with it (:mod:`pipeline.layer_context`):
-    #: pooling before it (on its input channels), adds/products/activations/pooling after it
+    #: pooling before it (on its input channels), activations/SE products/pooling after it
     pre: list[dict[str, Any]] = field(default_factory=list)
     post: list[dict[str, Any]] = field(default_factory=list)
 
@@ -361,9 +361,6 @@ def analyze(
                                                    verbose=False)
         tp_groups = list(dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd,
                                                               nn.Linear)))
-        fused = {names[m]: _activation_after(dg.module2node[m])[1] if m in dg.module2node
-                 else None for m in model.modules() if _is_layer(m)}
-        context = layer_context.find(model, example_input, fused)
     except (UnsupportedLayer, StructureError):
         raise
     except Exception as exc:  # Torch-Pruning/autograd raise many types while tracing
@@ -450,7 +447,7 @@ def analyze(
             continue
         layers.append(_layer_spec(lname, mod, recorder.shapes[lname], dg, batch,
                                   out_group.get(lname), in_parts.get(lname, []), groups))
-        layers[-1].pre, layers[-1].post = context.get(lname, ([], []))
+    _attach_context(model, example_input, layers)
     return NetworkSpec(
         input_shape=tuple(example_input.shape),
         layers=layers,
@@ -460,6 +457,21 @@ def analyze(
         model=name,
         unused=unused,
     )
+
+
+def _attach_context(model: nn.Module, example_input: torch.Tensor,
+                    layers: list[LayerSpec]) -> None:
+    """Each layer's ``pre``/``post`` ops (:mod:`pipeline.layer_context`), traced in eval mode
+    like the rest of the analysis; the activation already fused into a layer is not repeated."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            context = layer_context.find(model.eval(), example_input,
+                                         {layer.name: layer.act for layer in layers})
+    finally:
+        model.train(was_training)
+    for layer in layers:
+        layer.pre, layer.post = context[layer.name]
 
 
 def _layer_spec(

@@ -56,8 +56,6 @@ class Measurement:
 
     def per_copy(self, copies: int) -> Measurement:
         """One copy's share of a run of ``copies`` identical ops (a packed graph)."""
-        if copies == 1:
-            return self
         return replace(self, median_ms=self.median_ms / copies, p10_ms=self.p10_ms / copies,
                        p90_ms=self.p90_ms / copies)
 

@@ -88,11 +88,21 @@ def cuda_graph(module: nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], 
 
 class _Copies(nn.Module):
     """Instances of one layer, each with its own weights, run one after the other on the same
-    input: a packed layer (:func:`~pipeline.onnx_layers.packed_model`) for eager torch."""
+    input: a packed layer (:func:`~pipeline.onnx_layers.packed_model`) for eager torch.
 
-    def __init__(self, copies: list[nn.Module]):
+    Copies are scaled clones of ``layer`` (as the ONNX packing does: no weights drawn again)
+    and share its buffers: the feature map an epilogue scales is one warm tensor for all.
+    """
+
+    def __init__(self, layer: nn.Module, copies: int):
         super().__init__()
-        self.copies = nn.ModuleList(copies)
+        shared = {id(b): b for b in layer.buffers()}
+        clones = [copy.deepcopy(layer, dict(shared)) for _ in range(1, copies)]
+        with torch.no_grad():
+            for i, clone in enumerate(clones, start=1):
+                for p in clone.parameters():
+                    p.mul_(1.0 + 1e-3 * i)
+        self.copies = nn.ModuleList([layer, *clones])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.copies:
@@ -165,7 +175,7 @@ class TorchBackend:
 
     def time_layer(self, layer: LayerSpec, cin: int, cout: int,
                    copies: int = 1) -> Measurement:
-        packed = _Copies([torch_layer(layer, cin, cout, seed=i) for i in range(copies)])
+        packed = _Copies(torch_layer(layer, cin, cout), copies)
         x = torch.from_numpy(layer_input(layer, cin))
         return self._time(packed, x).per_copy(copies)
 
