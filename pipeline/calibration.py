@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import StructureError
 from .slim import slim
-from .structure import NetworkSpec
+from .spec import NetworkSpec
 
 #: the correction a sound table may need: beyond it the table and the device disagree
 SCALE_RANGE = (0.85, 1.15)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import HalpError
-from .structure import NetworkSpec
+from .spec import NetworkSpec
 
 
 def _per_out_channel(module: nn.Module, t: torch.Tensor) -> torch.Tensor:

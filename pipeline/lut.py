@@ -41,7 +41,7 @@ from .fsio import (
 )
 from .onnx_layers import COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS, copies_for
 from .progress import progress as progress_bar
-from .structure import SPEC_FORMAT, LayerSpec, NetworkSpec
+from .spec import SPEC_FORMAT, LayerSpec, NetworkSpec
 
 if TYPE_CHECKING:
     from tqdm import tqdm

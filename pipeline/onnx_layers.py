@@ -17,9 +17,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from . import layer_context
+from . import context_ops, layer_context
 from .errors import UnsupportedLayer
-from .structure import LayerSpec
+from .spec import LayerSpec
 
 ACTIVATIONS = tuple(layer_context.TORCH_ACTIVATIONS)
 OPS = ("conv", "dwconv", "linear", "deconv")
@@ -100,7 +100,7 @@ def layer_weights(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> dict[
 
 def _input_shape(layer: LayerSpec, cin: int) -> tuple[int, ...]:
     if layer.pre:  # the prologue pools a feature map of this size first
-        return (layer.batch, cin, *layer_context.input_hw(layer.pre, layer.in_hw))
+        return (layer.batch, cin, *context_ops.input_hw(layer.pre, layer.in_hw))
     if layer.op == "linear":
         return (layer.batch, *layer.in_hw, cin)
     return (layer.batch, cin, *layer.in_hw)
@@ -108,7 +108,7 @@ def _input_shape(layer: LayerSpec, cin: int) -> tuple[int, ...]:
 
 def _context_inputs(layer: LayerSpec, cout: int) -> dict[str, tuple[int, ...]]:
     """The epilogue's other operands (a residual, a feature map to scale), by input name."""
-    return layer_context.extra_inputs(layer.post, layer.batch, cout, _out_hw(layer))
+    return context_ops.extra_inputs(layer.post, layer.batch, cout, _out_hw(layer))
 
 
 def layer_input(layer: LayerSpec, cin: int, seed: int = 0) -> np.ndarray:
@@ -143,7 +143,7 @@ def _out_hw(layer: LayerSpec) -> tuple[int, ...]:
 def _output_shape(layer: LayerSpec, cout: int) -> tuple[int, ...]:
     if layer.op == "linear":
         return (layer.batch, *layer.in_hw, cout)
-    return (layer.batch, cout, *layer_context.output_hw(layer.post, _out_hw(layer)))
+    return (layer.batch, cout, *context_ops.output_hw(layer.post, _out_hw(layer)))
 
 
 def _main_nodes(layer: LayerSpec, groups: int, weights: dict[str, np.ndarray],

@@ -31,7 +31,8 @@ from .lut import LatencyTable, build_lut
 from .models import load_checkpoint, load_model
 from .plotting import save_png, subplots
 from .pruner import HalpPruner
-from .structure import NetworkSpec, analyze
+from .spec import NetworkSpec
+from .structure import analyze
 from .train import evaluate, fit
 
 #: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest

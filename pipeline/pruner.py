@@ -39,7 +39,8 @@ from .importance import TaylorSaliency, comm_device
 from .knapsack import solve
 from .lut import LatencyTable
 from .slim import MaskEntries, dependency_graph, mask_entries, mask_plan, slim, zero_entries
-from .structure import LayerSpec, NetworkSpec, analyze
+from .spec import LayerSpec, NetworkSpec
+from .structure import analyze
 
 #: channels per pruning unit when the LUT does not name its grid step: TensorRT kernels and CPU
 #: SIMD process channels in blocks of 8 or 16 (FP16/INT8 tensor cores need multiples of 8), so

@@ -20,7 +20,8 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import StructureError, UnsupportedLayer
-from .structure import NetworkSpec, analyze
+from .spec import NetworkSpec
+from .structure import analyze
 
 #: {parameter name: [(dim, sorted indices to zero)]}
 MaskPlan = dict[str, list[tuple[int, list[int]]]]

@@ -34,7 +34,7 @@ from .plotting import save_png, subplots
 from .progress import progress as progress_bar
 from .pruner import HalpPruner
 from .slim import slim
-from .structure import NetworkSpec
+from .spec import NetworkSpec
 
 KNAPSACK_TARGETS = (0.35, 0.5, 0.65, 0.8)
 #: knapsack steps per planned architecture (HALP prunes in many small steps, not one)

@@ -19,7 +19,8 @@ from pipeline.backends.timing import combine, measure, slug
 from pipeline.backends.torch import cuda_graph, deployable
 from pipeline.errors import BackendUnavailable, HalpError
 from pipeline.onnx_layers import layer_input, layer_model
-from pipeline.structure import LayerSpec, analyze
+from pipeline.spec import LayerSpec
+from pipeline.structure import analyze
 
 FAST = {"warmup": 1, "repeats": 5, "warmup_ms": 0.0}
 

@@ -15,7 +15,8 @@ from pipeline.backends import Measurement, get_backend
 from pipeline.cli import main
 from pipeline.errors import HalpError, LutError, LutMismatch
 from pipeline.lut import LatencyTable, LutEntry, build_lut, journal_path, layer_points, plan
-from pipeline.structure import LayerSpec, NetworkSpec, analyze
+from pipeline.spec import LayerSpec, NetworkSpec
+from pipeline.structure import analyze
 
 STEP, MAX_POINTS = 64, 3  # coarse: resnet18 at 32x32 is then 84 points, about a second
 

@@ -23,7 +23,8 @@ from pipeline.onnx_layers import (
     packed_model,
     torch_layer,
 )
-from pipeline.structure import LayerSpec, analyze
+from pipeline.spec import LayerSpec
+from pipeline.structure import analyze
 
 # (module, example input): the layer specs come from the real analyzer
 LAYERS = {

@@ -17,7 +17,8 @@ from pipeline.export import to_onnx
 from pipeline.lut import LatencyTable
 from pipeline.pruner import HalpPruner
 from pipeline.slim import check_equivalent
-from pipeline.structure import NetworkSpec, analyze
+from pipeline.spec import NetworkSpec
+from pipeline.structure import analyze
 
 
 def _lut(name: str) -> LatencyTable:

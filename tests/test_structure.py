@@ -11,7 +11,8 @@ from torch import nn
 
 from pipeline.errors import ModelLoadError, ShapeError, StructureError
 from pipeline.models import load_model, parse_shape
-from pipeline.structure import NetworkSpec, analyze
+from pipeline.spec import NetworkSpec
+from pipeline.structure import analyze
 
 NAMED = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "efficientnet_b0"]
 OTHERS = ["densenet121", "googlenet", "regnet_y_400mf", "mnasnet0_5", "squeezenet1_0",

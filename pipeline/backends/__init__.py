@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import HalpError
 from ..onnx_layers import layer_inputs, packed_model
-from ..structure import LayerSpec
+from ..spec import LayerSpec
 from .timing import Measurement, TimingSettings
 
 __all__ = ["BACKENDS", "PRECISIONS", "Backend", "Measurement", "OnnxBackend", "TimingSettings",

@@ -16,7 +16,7 @@ from torch.fx.experimental.optimization import fuse
 
 from ..errors import BackendUnavailable, HalpError
 from ..onnx_layers import layer_input, torch_layer
-from ..structure import LayerSpec
+from ..spec import LayerSpec
 from .timing import (
     BatchTimer,
     Measurement,

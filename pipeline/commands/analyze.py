@@ -6,7 +6,8 @@ import argparse
 
 from ..fsio import atomic_write_text
 from ..models import torchvision_names
-from ..structure import NetworkSpec, analyze
+from ..spec import NetworkSpec
+from ..structure import analyze
 from .common import add_model_args, format_table, human, model_from_args
 
 
