@@ -1,8 +1,9 @@
 """Deployable engines: build them from ONNX where they will run, time them like the LUT was timed.
 
-A TensorRT plan (polygraphy loaders, see :mod:`pipeline.backends.tensorrt`) or an ONNX Runtime
-model saved after ORT's graph optimisations. Both are measured with the backend's own timing
-protocol, so "measured" here means the same thing as in the latency table.
+Any backend with an engine format builds and times them (an
+:class:`~pipeline.backends.EngineBuilder`: a TensorRT plan, an ONNX Runtime model saved after
+ORT's graph optimisations), with its own timing protocol, so "measured" here means the same
+thing as in the latency table.
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .backends import Backend, Measurement
+from .backends import Backend, EngineBuilder, Measurement, engine_builders
 from .errors import HalpError
-from .fsio import atomic_write_bytes, atomic_write_json
-
-ENGINE_SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".plan"}
+from .fsio import atomic_write_json
+from .kinds import Precision
 
 
 @dataclass(frozen=True)
 class Engine:
     path: Path
     backend: str
-    precision: str
+    precision: Precision
     inputs: dict[str, tuple[int, ...]]  # input name -> static shape
 
 
@@ -60,48 +60,26 @@ def build(onnx_path: str | Path, backend: Backend, out_dir: str | Path, *,
         proto = onnx.load(str(onnx_path))
     except Exception as exc:
         raise HalpError(f"{onnx_path} is not a readable ONNX model: {exc}") from exc
-    if backend.name not in ENGINE_SUFFIX:
+    builder = _builder(backend)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = builder.build_engine(proto, out_dir, name)
+    return Engine(path, backend.name, backend.precision, input_shapes(proto))
+
+
+def _builder(backend: Backend) -> EngineBuilder:
+    """``backend`` as an engine builder, or an error naming the backends that are."""
+    if not isinstance(backend, EngineBuilder):
         raise HalpError(f"the {backend.name} backend has no engine format; build engines with "
-                        f"--backend {' or '.join(ENGINE_SUFFIX)}")
-    out = Path(out_dir) / f"{name}{ENGINE_SUFFIX[backend.name]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if backend.name == "tensorrt":
-        from .backends.tensorrt import build_engine  # tensorrt is imported only on this path
-
-        atomic_write_bytes(out, build_engine(proto, backend.precision))
-    else:
-        atomic_write_bytes(out, _ort_optimized(proto.SerializeToString(), out))
-    return Engine(out, backend.name, backend.precision, input_shapes(proto))
-
-
-def _ort_optimized(data: bytes, out: Path) -> bytes:
-    """The model after ONNX Runtime's full graph optimisation (fusions, constant folding).
-
-    The result can contain CPU-specific fused ops: it is an engine for this kind of machine, like
-    a TensorRT plan is for one GPU.
-    """
-    import onnxruntime as ort
-
-    tmp = out.with_name(out.name + ".partial")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(tmp)
-    opts.log_severity_level = 3
-    try:
-        ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
-        return tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
+                        f"--backend {' or '.join(engine_builders())}")
+    return backend
 
 
 def measure(engine: Engine, backend: Backend, seed: int = 0) -> Measurement:
     """Time ``engine`` with the backend's timing protocol on random inputs of its shape."""
     if engine.backend != backend.name:
         raise HalpError(f"{engine.path} is a {engine.backend} engine; measure it with that backend")
-    inputs = random_inputs(engine.inputs, seed)
-    if backend.name == "tensorrt":
-        return backend.time_plan(engine.path.read_bytes(), inputs)  # type: ignore[attr-defined]
-    return backend.time_onnx(engine.path, inputs)
+    return _builder(backend).time_engine(engine.path, random_inputs(engine.inputs, seed))
 
 
 def channel_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -15,6 +15,10 @@ class ModelLoadError(HalpError):
     """The model spec names no known model, or the file/callable could not be loaded."""
 
 
+class ConfigError(HalpError):
+    """A setting is out of range, or names a file or folder that is missing or of the wrong kind."""
+
+
 class ShapeError(HalpError):
     """An input shape string is malformed."""
 

@@ -11,7 +11,7 @@ import inspect
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -24,14 +24,15 @@ from .errors import ExportMismatch, HalpError
 from .fsio import atomic_write_bytes
 
 
-def _tensors(out: object) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, or nested tuple/list/dict), in export order."""
+def output_tensors(out: object) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, or nested tuples/lists/dicts of them), in the
+    order export flattens them: what ONNX and slimmed outputs are compared against."""
     if isinstance(out, torch.Tensor):
         return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in output_tensors(v)]
     if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 
@@ -86,7 +87,7 @@ def _run_exportable(model: nn.Module, example_input: torch.Tensor) -> list[torch
 
     handles = [m.register_forward_hook(record(name)) for name, m in pools.items()]
     try:
-        expected = _tensors(model(example_input))
+        expected = output_tensors(model(example_input))
     finally:
         for h in handles:
             h.remove()

@@ -8,19 +8,20 @@ exactly, instead of the paper's item-by-item table with its "previous unit must 
 Speed comes from doing less work, never from approximating: costs are shifted by each group's
 cheapest allowed choice, dominated choices are dropped, choices and DP states that provably
 cannot reach the optimum are removed with an LP (Lagrangian) upper bound against a greedy lower
-bound, and every remaining step is a NumPy operation over all choices or a whole range of
-capacities.
+bound (:mod:`pipeline.knapsack_dp`), and every remaining step is a NumPy operation over all
+choices or a whole range of capacities.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import HalpError, InfeasibleBudget
+from .knapsack_dp import Table, solve_cells
 
 #: default discretisation: the capacity gets this many cells per group, so the budget lost to
 #: rounding (at most one cell per group) is at most 1/DEFAULT_CELLS_PER_GROUP of the usable budget
@@ -73,7 +74,7 @@ def solve(
     return _solve_table(_table(values, costs), budget, min_keep, resolution)
 
 
-def _solve_table(table: _Table, budget: float, min_keep: int | ArrayLike | None,
+def _solve_table(table: Table, budget: float, min_keep: int | ArrayLike | None,
                  resolution: float | None) -> Solution:
     """``solve`` on an instance already validated and flattened."""
     if math.isnan(budget):
@@ -92,7 +93,7 @@ def _solve_table(table: _Table, budget: float, min_keep: int | ArrayLike | None,
         )
     best = _unconstrained(allowed)
     if table.cost(best) <= budget:
-        return table.solution(best)
+        return _solution(table, best)
     span = budget - minimum
     step = _resolution(resolution, span, len(floors))
     capacity = math.floor(span / step)
@@ -102,12 +103,18 @@ def _solve_table(table: _Table, budget: float, min_keep: int | ArrayLike | None,
             f"use resolution >= {span / MAX_CELLS:.3g} or the default"
         )
     while True:
-        keep = _solve_cells(_discretise(allowed, floors, step, capacity), capacity)
+        keep = solve_cells(_discretise(allowed, floors, step, capacity), capacity)
         # Float rounding of shifted costs can, in rare exact-tie cases, push the true sum a hair
         # over the budget; one cell less restores the guarantee (capacity 0 is always feasible).
         if table.cost(keep) <= budget:
-            return table.solution(keep)
+            return _solution(table, keep)
         capacity -= 1
+
+
+def _solution(table: Table, keep: np.ndarray) -> Solution:
+    """``keep`` (k per group of the full table) with its true value and cost."""
+    value = math.fsum(table.v[table.starts + keep].tolist())
+    return Solution(keep=keep.astype(np.int64), value=value, cost=table.cost(keep))
 
 
 def solve_units(
@@ -128,34 +135,6 @@ def solve_units(
     table = _unit_table(unit_saliency, unit_latency_delta, base_cost)
     return _solve_table(table, budget, min_keep, resolution)
 
-
-@dataclass(frozen=True)
-class _Table:
-    """The choices of all groups in flat arrays: groups contiguous, in order, none empty."""
-
-    gid: np.ndarray  # group of the choice
-    k: np.ndarray  # units kept
-    v: np.ndarray  # value
-    c: np.ndarray  # cost; integer cells once discretised
-    starts: np.ndarray  # first row of each group
-
-    @classmethod
-    def of(cls, gid: np.ndarray, k: np.ndarray, v: np.ndarray, c: np.ndarray) -> _Table:
-        return cls(gid, k, v, c, np.flatnonzero(np.diff(gid, prepend=-1)))
-
-    def take(self, rows: np.ndarray) -> _Table:
-        """The rows selected by a mask or index array (which must leave every group a row)."""
-        return _Table.of(self.gid[rows], self.k[rows], self.v[rows], self.c[rows])
-
-    def cost(self, keep: np.ndarray) -> float:
-        """True cost of one k per group; only for the full table, where row = start + k."""
-        return math.fsum(self.c[self.starts + keep].tolist())
-
-    def solution(self, keep: np.ndarray) -> Solution:
-        value = math.fsum(self.v[self.starts + keep].tolist())
-        return Solution(keep=keep.astype(np.int64), value=value, cost=self.cost(keep))
-
-
 def _flat(arrays: Sequence[ArrayLike], name: str) -> tuple[np.ndarray, np.ndarray]:
     """All groups' entries in one float array, and each group's length; one validation pass
     over the whole instance (the pruner solves thousands of these)."""
@@ -170,7 +149,7 @@ def _flat(arrays: Sequence[ArrayLike], name: str) -> tuple[np.ndarray, np.ndarra
     return flat, sizes
 
 
-def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
+def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> Table:
     """Validate the instance and flatten it."""
     if len(values) == 0:
         raise HalpError("no groups given: pass at least one values/costs array")
@@ -185,7 +164,7 @@ def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
         raise HalpError(f"group {g}: {sizes[g]} values but {cost_sizes[g]} costs; both are "
                         "indexed by the number of units kept, k = 0..K")
     gid = np.repeat(np.arange(len(sizes)), sizes)
-    table = _Table.of(gid, np.arange(len(gid)) - np.repeat(np.cumsum(sizes) - sizes, sizes),
+    table = Table.of(gid, np.arange(len(gid)) - np.repeat(np.cumsum(sizes) - sizes, sizes),
                       vals, csts)
     if (g := _first(table.v[table.starts] != 0)) is not None:
         raise HalpError(f"group {g}: values[{g}][0] is {table.v[table.starts[g]]:.6g}; keeping "
@@ -199,7 +178,7 @@ def _table(values: Sequence[ArrayLike], costs: Sequence[ArrayLike]) -> _Table:
 
 
 def _unit_table(saliency: Sequence[ArrayLike], delta: Sequence[ArrayLike],
-                base_cost: float) -> _Table:
+                base_cost: float) -> Table:
     """Validate the paper's per-unit view and flatten it into cumulative choices.
 
     Each group's running sums are taken along the rows of one zero-padded matrix, so they are
@@ -229,7 +208,7 @@ def _unit_table(saliency: Sequence[ArrayLike], delta: Sequence[ArrayLike],
     padded[0, 0] = base_cost
     c = np.cumsum(padded, axis=1)[rows]
     gid = np.repeat(np.arange(len(sizes)), sizes + 1)
-    return _Table.of(gid, np.broadcast_to(k, rows.shape)[rows], v, c)
+    return Table.of(gid, np.broadcast_to(k, rows.shape)[rows], v, c)
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -238,7 +217,7 @@ def _first(mask: np.ndarray) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
-def _min_keep(min_keep: int | ArrayLike | None, table: _Table) -> np.ndarray:
+def _min_keep(min_keep: int | ArrayLike | None, table: Table) -> np.ndarray:
     """Per-group lowest allowed k, checked against the group sizes."""
     n = len(table.starts)
     lows = np.asarray(1 if min_keep is None else min_keep)
@@ -259,12 +238,12 @@ def _resolution(resolution: float | None, span: float, n_groups: int) -> float:
     return span / (DEFAULT_CELLS_PER_GROUP * n_groups) if span > 0 else 1.0
 
 
-def _unconstrained(t: _Table) -> np.ndarray:
+def _unconstrained(t: Table) -> np.ndarray:
     """Each group's best choice ignoring the budget: highest value, then cheapest."""
     return t.k[np.lexsort((t.c, -t.v, t.gid))[t.starts]]
 
 
-def _discretise(t: _Table, floors: np.ndarray, step: float, capacity: int) -> _Table:
+def _discretise(t: Table, floors: np.ndarray, step: float, capacity: int) -> Table:
     """Choices as (cells, value), rounded up, minus those that never fit or are dominated.
 
     Rows end sorted by weight within each group; a choice is dominated when another of its group
@@ -273,145 +252,7 @@ def _discretise(t: _Table, floors: np.ndarray, step: float, capacity: int) -> _T
     """
     cells = np.ceil((t.c - floors[t.gid]) / step)
     fits = cells <= capacity
-    t = _Table.of(t.gid[fits], t.k[fits], t.v[fits], cells[fits].astype(np.int64))
+    t = Table.of(t.gid[fits], t.k[fits], t.v[fits], cells[fits].astype(np.int64))
     t = t.take(np.lexsort((-t.v, t.c, t.gid)))
     key = t.gid * len(t.v) + np.unique(t.v, return_inverse=True)[1]
     return t.take(key > np.maximum.accumulate(np.concatenate(([-1], key[:-1]))))
-
-
-@dataclass(frozen=True)
-class _Bounds:
-    """Bounds from the LP relaxation, whose optimum fills hull edges best ratio first.
-
-    ``rate`` is the value per cell of the edge that overflows the capacity (0 if none does).
-    For any rate λ >= 0 and any feasible choice x, Σ v(x) <= λ (capacity - Σ w(x)) + Σ v(x)
-    <= λ capacity + Σ_g max_k (v_gk - λ w_gk): a Lagrangian upper bound that fixes any part
-    of x cheaply. ``lower`` is the value of a feasible choice built from whole hull edges.
-    """
-
-    rate: float
-    lower: float
-
-    @classmethod
-    def of(cls, t: _Table, capacity: int) -> _Bounds:
-        gid, pos, w, v = _hull_edges(t)
-        dw, dv = np.diff(w), np.diff(v)
-        edge = gid[1:] == gid[:-1]
-        order = np.argsort(-dv[edge] / dw[edge], kind="stable")
-        gid, start, end = gid[1:][edge][order], pos[:-1][edge][order], pos[1:][edge][order]
-        dw, dv = dw[edge][order], dv[edge][order]
-        cut = int(np.searchsorted(np.cumsum(dw), capacity, side="right"))
-        rate = float(dv[cut] / dw[cut]) if cut < len(dw) else 0.0
-        at = [0] * len(t.starts)
-        room = capacity
-        for g, a, b, step in zip(gid.tolist(), start.tolist(), end.tolist(), dw.tolist(),
-                                 strict=True):
-            if at[g] == a and step <= room:
-                at[g], room = b, room - step
-        return cls(rate, math.fsum(t.v[t.starts + np.array(at)].tolist()))
-
-
-def _hull_edges(t: _Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(group, index in group, weight, value) of the points on each group's upper hull.
-
-    A point strictly below the chord of its neighbours is not on the hull; removing all such
-    points at once and repeating until none is left converges to the hull, in few rounds for
-    the nearly concave curves saliency makes.
-    """
-    gid, w, v = t.gid, t.c.astype(np.float64), t.v
-    alive = np.arange(len(w))
-    while True:
-        g, x, y = gid[alive], w[alive], v[alive]
-        inner = (g[1:-1] == g[:-2]) & (g[1:-1] == g[2:])
-        below = (y[1:-1] - y[:-2]) * (x[2:] - x[1:-1]) < (y[2:] - y[1:-1]) * (x[1:-1] - x[:-2])
-        drop = np.flatnonzero(inner & below) + 1
-        if len(drop) == 0:
-            return g, alive - t.starts[g], x, y
-        alive = np.delete(alive, drop)
-
-
-def _solve_cells(t: _Table, capacity: int) -> np.ndarray:
-    """Exact optimum over integer weights (``t.c``) within ``capacity``; returns k per group."""
-    bounds = _Bounds.of(t, capacity)
-    tol = 1e-9 * (1.0 + math.fsum(np.maximum.reduceat(t.v, t.starts).tolist()))
-    need = bounds.lower - tol
-    t, capacity = _reduce(t, capacity, bounds.rate, need)
-    return _dp(t, capacity, bounds.rate, need)
-
-
-def _slack(t: _Table, rate: float) -> np.ndarray:
-    """Per group, max_k (v - rate w): what the group adds to the Lagrangian bound."""
-    return np.maximum.reduceat(t.v - rate * t.c, t.starts)
-
-
-def _reduce(t: _Table, capacity: int, rate: float, need: float) -> tuple[_Table, int]:
-    """Drop choices whose Lagrangian bound (everything else relaxed) stays below ``need``.
-
-    Every choice of an optimal solution survives. Each group then restarts at weight 0 from
-    its lightest survivor, whose weight leaves the capacity.
-    """
-    slack = _slack(t, rate)
-    bound = rate * (capacity - t.c) + t.v + (slack.sum() - slack[t.gid])
-    t = t.take(bound >= need)
-    lightest = t.c[t.starts]
-    return replace(t, c=t.c - lightest[t.gid]), capacity - int(lightest.sum())
-
-
-def _dp(t: _Table, capacity: int, rate: float, need: float) -> np.ndarray:
-    """DP over the groups with a choice left, then backtrack; returns k per group.
-
-    After each group, ``dp[i]`` holds the best value at total weight exactly ``lo + i``;
-    states whose Lagrangian bound stays below ``need`` are trimmed from both ends of the range
-    (those of an optimal solution never are). Groups down to one choice are constants.
-    """
-    keep = t.k[t.starts]
-    ends = np.append(t.starts[1:], len(t.gid))
-    free = np.flatnonzero(ends - t.starts > 1)
-    need -= math.fsum(np.delete(t.v[t.starts], free).tolist())
-    later = _slack(t, rate)[free]
-    rest = later.sum() - np.cumsum(later)  # what the free groups after each one can add
-    weights, values = t.c.tolist(), t.v.tolist()
-    choices = [(weights[t.starts[g]:ends[g]], values[t.starts[g]:ends[g]])
-               for g in free.tolist()]
-    lo, dp = 0, np.zeros(1)
-    history = []
-    for (w, v), after in zip(choices, rest.tolist(), strict=True):
-        history.append((lo, dp))
-        lo, dp = _stage(lo, dp, w, v, capacity, rate, after, need)
-    cell = lo + int(np.argmax(dp))
-    for g, (w, v), (lo, dp) in zip(free[::-1].tolist(), choices[::-1], history[::-1],
-                                   strict=True):
-        j = _predecessor(cell, lo, dp, w, v)
-        keep[g], cell = t.k[t.starts[g] + j], cell - w[j]
-    return keep
-
-
-def _stage(lo: int, dp: np.ndarray, w: list[int], v: list[float], capacity: int, rate: float,
-           after: float, need: float) -> tuple[int, np.ndarray]:
-    """Add one group to the DP, then trim states that cannot reach ``need``.
-
-    ``after`` plus ``rate`` times the room left bounds what the later groups can still add.
-    """
-    new = np.full(min(lo + len(dp) - 1 + w[-1], capacity) - lo + 1, -np.inf)
-    for wk, vk in zip(w, v, strict=True):
-        n = min(len(dp), len(new) - wk)
-        if n <= 0:
-            break
-        window = new[wk:wk + n]
-        np.maximum(window, dp[:n] + vk, out=window)
-    room = capacity - lo - np.arange(len(new))
-    alive = np.flatnonzero(new + (rate * room + after) >= need)
-    return lo + int(alive[0]), new[alive[0]:alive[-1] + 1]
-
-
-def _predecessor(cell: int, lo: int, dp: np.ndarray, w: list[int], v: list[float]) -> int:
-    """The choice that produced the best value at ``cell``: same float sums, same maximum.
-
-    A handful of choices per group, so plain Python beats NumPy's per-call overhead here.
-    """
-    best, pick = -math.inf, 0
-    for j, (wj, vj) in enumerate(zip(w, v, strict=True)):
-        i = cell - wj - lo
-        if 0 <= i < len(dp) and (total := float(dp[i]) + vj) > best:
-            best, pick = total, j
-    return pick

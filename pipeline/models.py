@@ -1,37 +1,24 @@
 """Model and input-shape loading shared by every command.
 
 A model spec is a torchvision model name (``resnet50``), ``module:callable`` (called with no
-arguments), or a path to a whole ``nn.Module`` saved with ``torch.save``.
+arguments), or a path to a whole ``nn.Module`` saved with ``torch.save``. Shapes are parsed in
+:mod:`pipeline.config` (torch-free, for the CLI's early checks) and re-exported here.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import re
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from .errors import ModelLoadError, ShapeError
+from .config import parse_shape
+from .errors import ModelLoadError
 
-_SHAPE = re.compile(r"^\d+(x\d+)+$")
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1x3x224x224"`` → ``(1, 3, 224, 224)``; anything else is a clear error."""
-    cleaned = text.strip().lower().replace("×", "x").replace(",", "x")
-    if not _SHAPE.match(cleaned):
-        raise ShapeError(
-            f"input shape {text!r} is malformed: give positive integers joined by 'x', "
-            "batch first, e.g. 1x3x224x224"
-        )
-    dims = tuple(int(d) for d in cleaned.split("x"))
-    if any(d <= 0 for d in dims):
-        raise ShapeError(f"input shape {text!r} has a zero dimension; every dimension must be >= 1")
-    return dims
+__all__ = ["load_checkpoint", "load_model", "parse_shape", "torchvision_names"]
 
 
 def torchvision_names() -> list[str]:

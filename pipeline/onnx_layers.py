@@ -19,10 +19,11 @@ from torch import nn
 
 from . import context_ops, layer_context
 from .errors import UnsupportedLayer
+from .kinds import OpKind
 from .spec import LayerSpec
 
 ACTIVATIONS = tuple(layer_context.TORCH_ACTIVATIONS)
-OPS = ("conv", "dwconv", "linear", "deconv")
+OPS = tuple(OpKind)
 #: most copies of one layer in a packed graph (:func:`copies_for`): enough to stream a large
 #: network's weights past a small layer, few enough that building the graph stays cheap
 MAX_COPIES = 64

@@ -1,6 +1,9 @@
 """The whole pipeline on a user's model: baseline, LUT, HALP fine-tuning, slim, export, engine.
 
-``halp prune`` and ``halp demo`` both run :func:`run`. Every long stage leaves a file behind
+``halp prune`` and ``halp demo`` both run :func:`run`; the settings are a
+:class:`~pipeline.config.PruneConfig`, checked when it is made. Whatever else can be checked
+without training (backend, data, schedule, model, a given table) is checked before the baseline
+trains. Every long stage leaves a file behind
 (baseline and fine-tuning checkpoints, the LUT and its journal), so an interrupted run resumes
 where it stopped and a second run with the same settings reuses the baseline and the LUT. Each
 file's name carries a digest of the settings it depends on, so a run with, say, another target
@@ -13,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,10 @@ import torch
 from torch import nn
 
 from . import engine
-from .backends import Backend, Measurement, get_backend
-from .backends.timing import interleaved, slug
+from .backends import Backend, Measurement, backend_options, engine_builders, get_backend
+from .backends.device import slug
+from .backends.timing import interleaved
+from .config import PruneConfig
 from .data import load_data
 from .errors import HalpError, InfeasibleBudget
 from .export import to_onnx
@@ -43,35 +48,7 @@ PRUNE_SPAN = 0.6
 RELAXED_MARGIN = 1.15
 
 
-@dataclass
-class PruneConfig:
-    model: str
-    data: str
-    input_shape: tuple[int, ...]
-    out: Path
-    lut: str = "auto"  # a LUT file, or "auto": build for the backend and cache under luts/cache
-    checkpoint: str | None = None  # trained baseline weights; None: train one (cached in out/)
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    threads: int | None = None
-    target: float | None = 0.5
-    target_ms: float | None = None
-    baseline_epochs: int = 10
-    epochs: int = 6  # HALP fine-tuning epochs (pruning happens in the first PRUNE_SPAN of them)
-    steps: int = 10
-    lr: float = 0.05
-    finetune_lr: float = 0.01
-    batch_size: int = 64
-    lut_step: int | None = None  # None: the backend's channel block (also the pruning unit)
-    lut_max_points: int | None = 8
-    lut_passes: int = 3  # repeats spread over the build: a noisy point misleads the knapsack
-    seed: int = 0
-    lut_cache: Path = Path("luts/cache")  # where --lut auto keeps tables, keyed by device
-    #: an infeasible target is raised to the smallest feasible one (with a margin) and said,
-    #: instead of stopping the run: the demo must finish on any machine
-    relax_target: bool = False
-    train_device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available()
-                              else "cpu")
+__all__ = ["PruneConfig", "run"]
 
 
 @dataclass
@@ -84,27 +61,29 @@ class Summary:
 
 
 def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the pipeline; returns the report also written to ``cfg.out/report.json``."""
+    """Run the pipeline; returns the report also written to ``cfg.out/report.json`` (the
+    command prints it). ``log`` receives the progress lines."""
     started = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, train_device=cfg.train_device or _default_device())
     torch.manual_seed(cfg.seed)
+    # refuse an unavailable backend, bad data, schedule, model or table before any long work
     backend = _backend(cfg)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
-    # refuse a bad schedule or table before any long work
     interval = _prune_interval(cfg, len(data.train))
-    given = LatencyTable.load(cfg.lut, backend=backend) if cfg.lut != "auto" else None
     x = torch.randn(*cfg.input_shape)
+    model = load_model(cfg.model, num_classes=data.num_classes)
+    spec = analyze(model, x, name=cfg.model)  # weights do not change the structure
+    given = _given_lut(cfg, backend, spec)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     log(f"[1/5] baseline {cfg.model} on {data.name}")
-    model = _baseline(cfg, data, out, log)
+    _baseline(cfg, model, data, out, log)
     dense_top1 = evaluate(model, data.val, cfg.train_device)
     model.to("cpu")
-    spec = analyze(model, x, name=cfg.model)
 
     log(f"[2/5] latency table ({backend.name} {backend.precision})")
     lut = given if given is not None else _lut(cfg, spec, backend, model, x, log)
-    lut.check_spec(spec)
 
     log(f"[3/5] HALP pruning to {_target_text(cfg)} while fine-tuning")
     pruner = _prune(cfg, model, x, lut, data, interval, out, log)
@@ -120,15 +99,13 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     log("[5/5] measuring dense and pruned engines")
     dense_ms, pruned_ms = _measure_pair(dense_engine, pruned_engine, backend)
 
-    dense = Summary(sum(p.numel() for p in model.parameters()), spec.total_macs,
-                    lut.predict(spec), dense_ms.ms, dense_top1)
-    pruned = Summary(sum(p.numel() for p in slim_model.parameters()), slim_spec.total_macs,
-                     lut.predict(slim_spec), pruned_ms.ms, pruned_top1)
+    dense = _summary(model, spec, lut, dense_ms, dense_top1)
+    pruned = _summary(slim_model, slim_spec, lut, pruned_ms, pruned_top1)
     report = {
         "model": cfg.model, "data": data.name, "input_shape": list(cfg.input_shape),
         "target": cfg.target, "target_ms": pruner.target_ms,
         "backend": backend.name, "precision": backend.precision,
-        "device": backend.describe()["device"], "lut": str(lut.path) if lut.path else None,
+        "device": backend.describe().device, "lut": str(lut.path) if lut.path else None,
         "dense": asdict(dense), "pruned": asdict(pruned),
         "speedup_measured": dense.measured_ms / pruned.measured_ms,
         "speedup_predicted": dense.predicted_ms / pruned.predicted_ms,
@@ -141,16 +118,39 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     }
     atomic_write_json(out / "report.json", report)
     _plot(lut, spec, slim_spec, report, out / "latency.png")
-    log(render(report))
     return report
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _given_lut(cfg: PruneConfig, backend: Backend, spec: NetworkSpec) -> LatencyTable | None:
+    """The ``--lut`` table, refused before training when it does not cover the model or was
+    measured for another backend, precision or device (unless that mismatch is allowed)."""
+    if cfg.lut == "auto":
+        return None
+    table = LatencyTable.load(cfg.lut)
+    if not cfg.allow_lut_mismatch:
+        table.check_backend(backend.describe())
+    table.check_spec(spec)
+    return table
+
+
+def _summary(model: nn.Module, spec: NetworkSpec, lut: LatencyTable, measured: Measurement,
+             top1: float) -> Summary:
+    return Summary(sum(p.numel() for p in model.parameters()), spec.total_macs,
+                   lut.predict(spec), measured.ms, top1)
+
+
 def _backend(cfg: PruneConfig) -> Backend:
-    if cfg.backend not in engine.ENGINE_SUFFIX:  # checked before any training starts
+    deployable = engine_builders()
+    if cfg.backend not in deployable:  # checked before any training starts
         raise HalpError(f"halp prune deploys through an engine: use backend "
-                        f"{' or '.join(engine.ENGINE_SUFFIX)} (the {cfg.backend} backend is for "
+                        f"{' or '.join(deployable)} (the {cfg.backend} backend is for "
                         "LUTs and research)")
-    options = {"threads": cfg.threads} if cfg.threads and cfg.backend != "tensorrt" else {}
+    threads = cfg.threads if "threads" in backend_options(cfg.backend) else None
+    options = {"threads": threads} if threads else {}
     return get_backend(cfg.backend, cfg.precision, **options)
 
 
@@ -177,15 +177,16 @@ def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _baseline(cfg: PruneConfig, data: Any, out: Path, log: Callable[[str], Any]) -> nn.Module:
-    """The user's trained weights, or a baseline trained here (resumable, reused when cached)."""
-    model = load_model(cfg.model, num_classes=data.num_classes)
+def _baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
+              log: Callable[[str], Any]) -> None:
+    """Load the user's trained weights into ``model``, or train it here (resumable, reused when
+    cached)."""
     if cfg.checkpoint:
-        return load_checkpoint(model, cfg.checkpoint)
+        load_checkpoint(model, cfg.checkpoint)
+        return
     ckpt = out / f"baseline-{_settings_key(cfg, BASELINE_SETTINGS)}.ckpt"
     fit(model, data.train, epochs=cfg.baseline_epochs, lr=cfg.lr, device=cfg.train_device,
         val_loader=data.val, checkpoint=ckpt, resume=True, desc="baseline", log=log)
-    return model
 
 
 def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
@@ -195,8 +196,8 @@ def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module
     shape = "x".join(map(str, cfg.input_shape))
     step = cfg.lut_step or backend.default_step
     # every build setting in the name: a cached table is reused only for the same build
-    path = Path(cfg.lut_cache) / (f"{slug(cfg.model)}-{shape}-{desc['backend']}-"
-                                  f"{desc['precision']}-{desc['device_key']}-s{step}"
+    path = Path(cfg.lut_cache) / (f"{slug(cfg.model)}-{shape}-{desc.backend}-"
+                                  f"{desc.precision}-{desc.device_key}-s{step}"
                                   f"-p{cfg.lut_max_points or 'all'}-x{cfg.lut_passes}.json")
     log(f"LUT cache: {path}" + (" (reused)" if path.is_file() else " (building)"))
     return build_lut(spec, backend, step=step, max_points=cfg.lut_max_points, out=path,
@@ -252,25 +253,6 @@ def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
     pair = interleaved([lambda: engine.measure(dense, backend),
                         lambda: engine.measure(pruned, backend)])
     return pair[0], pair[1]
-
-
-def render(report: dict[str, Any]) -> str:
-    from .commands.common import format_table, human
-
-    d, p = report["dense"], report["pruned"]
-    rows = [
-        ["parameters", human(d["params"]), human(p["params"]), f"{d['params'] / p['params']:.2f}x"],
-        ["MACs", human(d["macs"]), human(p["macs"]), f"{d['macs'] / p['macs']:.2f}x"],
-        ["predicted ms", f"{d['predicted_ms']:.4g}", f"{p['predicted_ms']:.4g}",
-         f"{report['speedup_predicted']:.2f}x"],
-        ["measured ms", f"{d['measured_ms']:.4g}", f"{p['measured_ms']:.4g}",
-         f"{report['speedup_measured']:.2f}x"],
-        ["top-1 %", f"{d['top1']:.2f}", f"{p['top1']:.2f}", f"{p['top1'] - d['top1']:+.2f}"],
-    ]
-    table = format_table(["", "dense", "pruned", "ratio"], rows)
-    return (f"\n{report['model']} on {report['data']} @ {'x'.join(map(str, report['input_shape']))}"
-            f", {report['backend']} {report['precision']} ({report['device']}), target "
-            f"{report['target_ms']:.4g} ms\n{table}\nwall time {report['wall_seconds']:.0f} s")
 
 
 def _plot(lut: LatencyTable, dense: NetworkSpec, pruned: NetworkSpec, report: dict[str, Any],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,26 +19,15 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import StructureError, UnsupportedLayer
+from .export import output_tensors
 from .spec import NetworkSpec
-from .structure import analyze
+from .structure import analyze, dependency_graph
 
 #: {parameter name: [(dim, sorted indices to zero)]}
 MaskPlan = dict[str, list[tuple[int, list[int]]]]
 #: resolved plan: (parameter, dim, index tensor)
 MaskEntries = list[tuple[nn.Parameter, int, torch.Tensor]]
 Keep = Mapping[int, Sequence[int] | int]
-
-
-def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning graph of ``model``, traced in eval mode so BN running stats stay put."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                         verbose=False)
-    finally:
-        model.train(was_training)
 
 
 def pruning_group(dg: tp.DependencyGraph, spec: NetworkSpec, gid: int, idxs: Sequence[int]):
@@ -167,17 +155,6 @@ def slim(model: nn.Module, example_input: torch.Tensor, keep: Keep,
     return pruned
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors of a model output (tensor, or nested tuples/lists/dicts of them), in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def _probe(example_input: torch.Tensor) -> torch.Tensor:
     """A seeded random input like ``example_input`` (integer inputs, e.g. token ids, as given)."""
     if not example_input.is_floating_point():
@@ -200,7 +177,7 @@ def check_equivalent(reference: nn.Module, candidate: nn.Module, example_input: 
         m.eval()
         try:
             with torch.no_grad():
-                outs.append(_tensors(m(x)))
+                outs.append(output_tensors(m(x)))
         finally:
             m.train(was_training)
     ref, got = outs

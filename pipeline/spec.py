@@ -15,6 +15,7 @@ from typing import Any
 
 from . import context_ops
 from .errors import StructureError
+from .kinds import OpKind
 
 SPEC_FORMAT = 1
 
@@ -33,7 +34,7 @@ class LayerSpec:
     """
 
     name: str
-    op: str  # "conv" | "dwconv" | "linear" | "deconv"
+    op: OpKind
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -72,7 +73,7 @@ class LayerSpec:
             "bias" if self.bias else "nobias",
             self.act or "noact",
         ]
-        if self.op == "conv" and self.groups > 1:
+        if self.op == OpKind.CONV and self.groups > 1:
             parts.append(f"g{self.groups}")
         if self.output_padding and any(self.output_padding):
             parts.append("op" + "x".join(map(str, self.output_padding)))
@@ -87,18 +88,18 @@ class LayerSpec:
             counts.get(g, c) if g is not None else c for g, c in self.in_sources
         ) if self.in_sources else self.cin
         cout = counts.get(self.out_group, self.cout) if self.out_group is not None else self.cout
-        if self.op == "dwconv":
+        if self.op == OpKind.DWCONV:
             cin = cout
         return cin, cout
 
     def macs_at(self, cin: int, cout: int) -> int:
         """Multiply-accumulates per sample at the given channel counts."""
         k = math.prod(self.kernel) if self.kernel else 1
-        if self.op == "dwconv":
+        if self.op == OpKind.DWCONV:
             return cout * k * math.prod(self.out_hw)
-        if self.op == "linear":
+        if self.op == OpKind.LINEAR:
             return cin * cout * math.prod(self.in_hw)
-        if self.op == "deconv":
+        if self.op == OpKind.DECONV:
             return cin * (cout // self.groups) * k * math.prod(self.in_hw)
         return cout * (cin // self.groups) * k * math.prod(self.out_hw)
 
@@ -180,7 +181,7 @@ class NetworkSpec:
             )
         layers = []
         for d in data["layers"]:
-            d = dict(d)
+            d = dict(d, op=_op(d))
             for key in ("kernel", "stride", "padding", "dilation", "in_hw", "out_hw",
                         "output_padding"):
                 d[key] = tuple(d[key])
@@ -199,3 +200,15 @@ class NetworkSpec:
     @classmethod
     def from_json(cls, text: str) -> NetworkSpec:
         return cls.from_dict(json.loads(text))
+
+
+def _op(layer: Mapping[str, Any]) -> OpKind:
+    """A stored layer's op, refused with the layer's name when the latency model has no such
+    kind (a spec or table from another tool or a newer version)."""
+    try:
+        return OpKind(layer.get("op"))
+    except ValueError:
+        raise StructureError(
+            f"layer {layer.get('name')!r} has op {layer.get('op')!r}, not one of "
+            f"{', '.join(OpKind)}; re-run `halp analyze` with this version"
+        ) from None

@@ -2,12 +2,14 @@
 
 The structure is derived from the model itself with Torch-Pruning's ``DependencyGraph``, so no
 per-model configuration is needed: residual adds, concatenations, depthwise ties and channel
-splits come out of the traced graph as coupled groups.
+splits come out of the traced graph as coupled groups (read off it by
+:mod:`pipeline.dependency`). :func:`trace` keeps that graph for the pruner's masks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,39 +17,9 @@ import torch_pruning as tp
 from torch import nn
 
 from . import layer_context
+from .dependency import channel_groups, is_layer, layer_spec
 from .errors import StructureError, UnsupportedLayer
-from .spec import ChannelGroup, LayerSpec, NetworkSpec
-
-#: autograd node names of activations that deployed engines fuse into the preceding layer
-_ACTIVATIONS = {
-    "ReluBackward0": "relu",
-    "ReluBackward1": "relu",
-    "HardtanhBackward0": "relu6",
-    "HardtanhBackward1": "relu6",
-    "SiluBackward0": "silu",
-    "HardswishBackward0": "hardswish",
-    "SigmoidBackward0": "sigmoid",
-}
-
-
-def _op_kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "deconv"
-    if isinstance(m, nn.modules.conv._ConvNd):
-        if m.groups > 1 and m.groups == m.in_channels == m.out_channels:
-            return "dwconv"
-        return "conv"
-    raise UnsupportedLayer(f"{type(m).__name__} is not a conv or linear layer")
-
-
-def _out_channels(m: nn.Module) -> int:
-    return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
-
-
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+from .spec import LayerSpec, NetworkSpec
 
 
 class _ForwardRecorder:
@@ -72,7 +44,7 @@ class _ForwardRecorder:
 
     def _post(self, m: nn.Module, args: Any, out: Any) -> None:
         name = self.stack.pop() if self.stack else self.names.get(m, "")
-        if self.recording and _is_layer(m) and isinstance(out, torch.Tensor) and args:
+        if self.recording and is_layer(m) and isinstance(out, torch.Tensor) and args:
             x = args[0]
             self.calls[name] = self.calls.get(name, 0) + 1
             self.shapes.setdefault(name, (tuple(x.shape), tuple(out.shape)))
@@ -98,38 +70,27 @@ class _ForwardRecorder:
             h.remove()
 
 
-def _spatial(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
-    # linear: the dims between batch and features (tokens); conv: everything after channels
-    return tuple(shape[1:-1]) if op == "linear" else tuple(shape[2:])
+@dataclass(frozen=True)
+class Analysis:
+    """One trace of a model: its spec, the Torch-Pruning graph the spec was read from (masks
+    and slimming use it, so the pruner traces once) and the stem, the first conv/linear layer
+    run on the input."""
+
+    spec: NetworkSpec
+    graph: tp.DependencyGraph
+    stem: str | None
 
 
-def _activation_after(node: Any) -> tuple[bool, str | None]:
-    """(followed by BatchNorm, fused activation name) for a layer's DependencyGraph node."""
-    has_bn, act = False, None
-    cur = node
-    if len(cur.outputs) == 1 and cur.outputs[0].type == tp.ops.OPTYPE.BN:
-        has_bn = True
-        cur = cur.outputs[0]
-    if len(cur.outputs) == 1:
-        nxt = cur.outputs[0]
-        # the activation is an OUTPUT node when it is the network's last op
-        if nxt.type in (tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.OUTPUT) and nxt.grad_fn:
-            act = _ACTIVATIONS.get(nxt.grad_fn.name())
-    return has_bn, act
-
-
-def _layer_names(
-    ignore: Iterable[str | nn.Module] | None, names: Mapping[nn.Module, str]
-) -> set[str]:
-    out = set()
-    for item in ignore or ():
-        if isinstance(item, nn.Module):
-            if item not in names:
-                raise StructureError("an ignored module is not part of the model")
-            out.add(names[item])
-        else:
-            out.add(str(item))
-    return out
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning graph of ``model``, traced in eval mode so BN running stats stay put."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                         verbose=False)
+    finally:
+        model.train(was_training)
 
 
 def analyze(
@@ -146,15 +107,75 @@ def analyze(
     ``model.named_modules()``, or modules; a name also matches its sub-modules) are marked not
     prunable, with the reason.
     """
+    return trace(model, example_input, ignore=ignore, name=name).spec
+
+
+def trace(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    ignore: Iterable[str | nn.Module] | None = None,
+    ignore_stem: bool = False,
+    name: str | None = None,
+) -> Analysis:
+    """:func:`analyze`, keeping the dependency graph and the stem; ``ignore_stem`` also leaves
+    the stem's output channels dense (HALP never prunes the layer that reads the image)."""
     modules = dict(model.named_modules())
+    ignored = _ignored(ignore, modules)
+    recorder, dg, tp_groups = _record(model, example_input, name or type(model).__name__)
+    shared = sorted(n for n, c in recorder.calls.items() if c > 1)
+    if shared:
+        raise UnsupportedLayer(
+            f"layers {shared} run more than once per forward pass (shared weights); "
+            "HALP's per-layer latency model needs one call per layer: give each call its own "
+            "module"
+        )
+    stem = next(iter(recorder.shapes), None)  # conv/linear layers finish in the order they start
+    if ignore_stem and stem is not None:
+        ignored.add(stem)
+    groups, out_group, in_parts = channel_groups(tp_groups, dg, modules, ignored)
+    batch = int(example_input.shape[0])
+    layers = [layer_spec(lname, mod, recorder.shapes[lname], dg, batch, out_group.get(lname),
+                         in_parts.get(lname, []), groups)
+              for lname, mod in modules.items() if lname in recorder.shapes]
+    _attach_context(model, example_input, layers)
+    spec = NetworkSpec(
+        input_shape=tuple(example_input.shape),
+        layers=layers,
+        groups=groups,
+        total_params=sum(p.numel() for p in model.parameters()),
+        total_macs=sum(layer.macs for layer in layers),
+        model=name,
+        unused=[n for n, m in modules.items() if is_layer(m) and n not in recorder.shapes],
+    )
+    return Analysis(spec, dg, stem)
+
+
+def _ignored(ignore: Iterable[str | nn.Module] | None, modules: Mapping[str, nn.Module]
+             ) -> set[str]:
+    """Names of the ignored modules, checked against the model."""
     names = {m: n for n, m in modules.items()}
-    ignored = _layer_names(ignore, names)
+    ignored = set()
+    for item in ignore or ():
+        if isinstance(item, nn.Module):
+            if item not in names:
+                raise StructureError("an ignored module is not part of the model")
+            ignored.add(names[item])
+        else:
+            ignored.add(str(item))
     unknown = [n for n in ignored if n not in modules]
     if unknown:
         raise StructureError(
             f"ignore names {unknown} are not modules of the model; use names from "
             "model.named_modules() (see `halp analyze`)"
         )
+    return ignored
+
+
+def _record(model: nn.Module, example_input: torch.Tensor, what: str
+            ) -> tuple[_ForwardRecorder, tp.DependencyGraph, list[Any]]:
+    """One forward pass recording each layer's shapes, then the dependency graph and its
+    groups; a failure names the layer or graph op it happened in."""
     was_training = model.training
     recorder = _ForwardRecorder(model)
     try:
@@ -164,114 +185,28 @@ def analyze(
                 model(example_input)
         except Exception as exc:
             raise StructureError(
-                f"{name or type(model).__name__} does not run on an input of shape "
+                f"{what} does not run on an input of shape "
                 f"{'x'.join(map(str, example_input.shape))}{recorder.where(exc)}: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check --input (batch first, "
                 "e.g. 1x3x224x224)"
             ) from exc
         recorder.stack.clear()
         recorder.recording = False
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                   verbose=False)
+        dg = dependency_graph(model, example_input)
         tp_groups = list(dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd,
                                                               nn.Linear)))
     except (UnsupportedLayer, StructureError):
         raise
     except Exception as exc:  # Torch-Pruning/autograd raise many types while tracing
         raise StructureError(
-            f"Torch-Pruning could not trace {name or type(model).__name__}"
-            f"{recorder.where(exc)}: {type(exc).__name__}: {exc}. Make the forward pass traceable "
-            "by autograd (no in-place ops on leaf tensors, tensors not Python numbers), or "
-            "exclude the layer with ignore="
+            f"Torch-Pruning could not trace {what}{recorder.where(exc)}: {type(exc).__name__}: "
+            f"{exc}. Make the forward pass traceable by autograd (no in-place ops on leaf "
+            "tensors, tensors not Python numbers), or exclude the layer with ignore="
         ) from exc
     finally:
         recorder.close()
         model.train(was_training)
-
-    shared = {n: c for n, c in recorder.calls.items() if c > 1}
-    if shared:
-        raise UnsupportedLayer(
-            f"layers {sorted(shared)} run more than once per forward pass (shared weights); "
-            "HALP's per-layer latency model needs one call per layer: give each call its own "
-            "module"
-        )
-
-    groups: list[ChannelGroup] = []
-    out_group: dict[str, int] = {}
-    in_parts: dict[str, list[tuple[int, int, int]]] = {}  # name -> (first idx, gid, n idxs)
-    for gid, group in enumerate(tp_groups):
-        producers, consumers, norms = [], [], []
-        reaches_output = False
-        reasons = []
-        for dep, idxs in group:
-            node, mod = dep.target, dep.target.module
-            consumed = _is_layer(mod) and not dg.is_out_channel_pruning_fn(dep.handler)
-            if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and not consumed):
-                reaches_output = True  # a node without successors produces the model output
-            lname = names.get(mod)
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                norms.append(lname)
-            if not _is_layer(mod) or lname is None:
-                continue
-            kind = _op_kind(mod)
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                producers.append(lname)
-                out_group[lname] = gid
-                if kind == "dwconv":
-                    consumers.append(lname)
-                    in_parts.setdefault(lname, []).append((0, gid, mod.out_channels))
-            elif dg.is_in_channel_pruning_fn(dep.handler):
-                consumers.append(lname)
-                in_parts.setdefault(lname, []).append((min(idxs), gid, len(idxs)))
-            if kind == "conv" and mod.groups > 1:
-                reasons.append(f"grouped convolution {lname} (groups={mod.groups})")
-        if reaches_output:
-            reasons.insert(0, "channels reach the network output")
-        hit = sorted(n for n in producers + consumers + norms
-                     if any(n == i or n.startswith(i + ".") for i in ignored))
-        if hit:
-            reasons.append(f"ignored layer {hit[0]}")
-        root = group[0].dep.target.module
-        channels = _out_channels(root)
-        # producers holding part of the group must partition it (a concatenation); anything
-        # else is a mapping Torch-Pruning got wrong, e.g. the raw input inside a concatenation
-        partial = [p for p in producers if _out_channels(modules[p]) != channels]
-        if partial and sum(_out_channels(modules[p]) for p in partial) != channels:
-            reasons.append(f"Torch-Pruning maps {partial[0]} "
-                           f"({_out_channels(modules[partial[0]])} channels) into a "
-                           f"{channels}-channel group")
-        groups.append(ChannelGroup(
-            id=gid,
-            channels=channels,
-            producers=producers,
-            consumers=list(dict.fromkeys(consumers)),
-            norms=list(dict.fromkeys(norms)),
-            prunable=not reasons,
-            reason="; ".join(dict.fromkeys(reasons)) or None,
-        ))
-
-    batch = int(example_input.shape[0])
-    layers: list[LayerSpec] = []
-    unused = []
-    for lname, mod in modules.items():
-        if not _is_layer(mod):
-            continue
-        if lname not in recorder.shapes:
-            unused.append(lname)
-            continue
-        layers.append(_layer_spec(lname, mod, recorder.shapes[lname], dg, batch,
-                                  out_group.get(lname), in_parts.get(lname, []), groups))
-    _attach_context(model, example_input, layers)
-    return NetworkSpec(
-        input_shape=tuple(example_input.shape),
-        layers=layers,
-        groups=groups,
-        total_params=sum(p.numel() for p in model.parameters()),
-        total_macs=sum(layer.macs for layer in layers),
-        model=name,
-        unused=unused,
-    )
-
+    return recorder, dg, tp_groups
 
 def _attach_context(model: nn.Module, example_input: torch.Tensor,
                     layers: list[LayerSpec]) -> None:
@@ -286,63 +221,3 @@ def _attach_context(model: nn.Module, example_input: torch.Tensor,
         model.train(was_training)
     for layer in layers:
         layer.pre, layer.post = context[layer.name]
-
-
-def _layer_spec(
-    lname: str,
-    mod: nn.Module,
-    shapes: tuple[tuple[int, ...], tuple[int, ...]],
-    dg: tp.DependencyGraph,
-    batch: int,
-    out_gid: int | None,
-    parts: list[tuple[int, int, int]],
-    groups: list[ChannelGroup],
-) -> LayerSpec:
-    kind = _op_kind(mod)
-    in_shape, out_shape = shapes
-    if isinstance(mod, nn.Linear):
-        cin, cout = mod.in_features, mod.out_features
-        geometry: dict[str, Any] = dict(kernel=(), stride=(), padding=(), dilation=(), groups=1)
-    else:
-        if isinstance(mod.padding, str):
-            raise UnsupportedLayer(
-                f"{lname} uses padding={mod.padding!r}; give explicit integer padding"
-            )
-        cin, cout = mod.in_channels, mod.out_channels
-        geometry = dict(kernel=tuple(mod.kernel_size), stride=tuple(mod.stride),
-                        padding=tuple(mod.padding), dilation=tuple(mod.dilation),
-                        groups=mod.groups)
-        if kind == "deconv":
-            geometry["output_padding"] = tuple(mod.output_padding)
-    node = dg.module2node.get(mod)
-    has_bn, act = _activation_after(node) if node is not None else (False, None)
-
-    # input channel sources, in channel order; channels no group owns come from the input
-    sources: list[tuple[int | None, int]] = []
-    expand = 1
-    parts = sorted(parts)
-    covered = sum(n for _, _, n in parts)
-    if parts:
-        group_channels = sum(groups[g].channels for _, g, _ in parts)
-        if covered == cin and group_channels and cin % group_channels == 0:
-            expand = cin // group_channels
-        sources = [(g, groups[g].channels if expand > 1 else n) for _, g, n in parts]
-        if covered < cin and expand == 1:
-            sources.append((None, cin - covered))
-    else:
-        sources = [(None, cin)]
-    # channels of non-prunable groups never change: the latency model sees them as fixed
-    sources = [(g if g is not None and groups[g].prunable else None, n) for g, n in sources]
-    in_group = sources[0][0] if len(sources) == 1 else None
-    if out_gid is not None and not groups[out_gid].prunable:
-        out_gid = None
-    spec = LayerSpec(
-        name=lname, op=kind, **geometry,
-        in_hw=_spatial(in_shape, kind), out_hw=_spatial(out_shape, kind),
-        cin=cin, cout=cout, in_group=in_group, out_group=out_gid, batch=batch,
-        bias=bool(getattr(mod, "bias", None) is not None or has_bn), act=act,
-        in_sources=sources, in_expand=expand,
-        params=sum(p.numel() for p in mod.parameters(recurse=False)),
-    )
-    spec.macs = spec.macs_at(cin, cout)
-    return spec

@@ -18,23 +18,23 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from torch import nn
 
-from .backends import Backend
+from .backends import Backend, Measurement
 from .backends.timing import ROUNDS, interleaved
 from .calibration import fit, references
 from .errors import HalpError
 from .lut import LatencyTable
-from .plotting import save_png, subplots
+from .planner import Planner
 from .progress import progress as progress_bar
-from .pruner import HalpPruner
 from .slim import slim
 from .spec import NetworkSpec
+from .structure import trace
 
 KNAPSACK_TARGETS = (0.35, 0.5, 0.65, 0.8)
 #: knapsack steps per planned architecture (HALP prunes in many small steps, not one)
@@ -100,26 +100,14 @@ class VerifyReport:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    if len(a) < 2:
+    """Spearman rank correlation (ties share their mean rank); nan where it is undefined: fewer
+    than two samples, or one side constant (scipy would warn and return nan)."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x), dtype=float)
-    for value in np.unique(x):  # ties share their mean rank
-        tie = x == value
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def random_counts(pruner: HalpPruner, rng: np.random.Generator) -> dict[int, int]:
+def random_counts(planner: Planner, rng: np.random.Generator) -> dict[int, int]:
     """Per-group keep fractions around a random global level, rounded to whole units.
 
     A shared level per sample spreads the samples from heavily pruned to nearly dense, which
@@ -127,7 +115,7 @@ def random_counts(pruner: HalpPruner, rng: np.random.Generator) -> dict[int, int
     """
     level = rng.uniform(0.25, 1.0)
     counts = {}
-    for g, choices in pruner.choices.items():
+    for g, choices in planner.choices.items():
         frac = float(np.clip(level * rng.uniform(0.7, 1.3), 0.0, 1.0))
         counts[g] = int(choices[max(1, round(frac * (len(choices) - 1)))])
     return counts
@@ -146,6 +134,19 @@ def weight_saliency(model: nn.Module, spec: NetworkSpec, groups: Sequence[int]) 
     return out
 
 
+def _architectures(model: nn.Module, planner: Planner, samples: int,
+                   seed: int) -> list[tuple[str, dict[int, int]]]:
+    """``samples`` architectures to measure, as (kind, counts): knapsack plans at the feasible
+    KNAPSACK_TARGETS (a third of the samples at most) and random ones for the rest."""
+    dense = planner.dense_ms
+    targets = [t for t in KNAPSACK_TARGETS if t * dense >= planner.minimum_ms][:samples // 3]
+    saliency = weight_saliency(model, planner.spec, planner.groups)
+    chosen = [(f"knapsack@{t}", planner.solve(saliency, t * dense, steps=PLAN_STEPS).counts)
+              for t in targets]
+    rng = np.random.default_rng(seed)
+    return chosen + [("random", random_counts(planner, rng)) for _ in range(samples - len(chosen))]
+
+
 def verify(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -159,43 +160,32 @@ def verify(
     seed: int = 0,
     lut_path: str = "",
     name: str | None = None,
+    allow_mismatch: bool = False,
     progress: bool = True,
     log: Callable[[str], Any] = print,
 ) -> VerifyReport:
     """Measure ``samples`` pruned variants of ``model`` and compare with the LUT's prediction.
 
     The LUT is validated against ``backend`` (backend, precision, device) and against the model's
-    layers before anything is measured.
+    layers before anything is measured (``allow_mismatch`` skips the first: a table from
+    another device then predicts this one, knowingly).
     """
     if samples < 2:
         raise HalpError(f"--samples {samples}: at least 2 samples are needed for a correlation")
-    desc = backend.describe()
-    lut.check_backend(desc)
-    model = copy.deepcopy(model).eval()
-    planner = HalpPruner(model, example_input, lut, target=1.0, steps=1, interval=1,
-                         log=lambda _msg: None)
-    spec = planner.spec
-    rng = np.random.default_rng(seed)
-    targets = [t for t in KNAPSACK_TARGETS if t * planner.dense_ms >= planner.minimum_ms]
-    n_knapsack = min(len(targets), samples // 3)
-    saliency = weight_saliency(model, spec, list(planner.choices))
-    plans = [(f"knapsack@{t}", planner.plan(t * planner.dense_ms, saliency, steps=PLAN_STEPS))
-             for t in targets[:n_knapsack]]
-    plans += [("random", random_counts(planner, rng)) for _ in range(samples - n_knapsack)]
-
     if calibration not in ("affine", "constant"):
         raise HalpError(f"calibration {calibration!r} is not 'affine' or 'constant'")
+    desc = backend.describe()
+    if not allow_mismatch:
+        lut.check_backend(desc)
+    model = copy.deepcopy(model).eval()
+    # the pruner's view: its stem stays dense
+    planner = Planner(trace(model, example_input, ignore_stem=True).spec, lut)
+    spec = planner.spec
+    chosen = _architectures(model, planner, samples, seed)
     refs = references(model, example_input, spec, step=int(lut.meta.get("step") or 8))
     refs = refs if calibration == "affine" else refs[:1]
-    variants = list(refs)
-    for kind, counts in progress_bar(plans, desc="slim", unit="arch", disable=not progress):
-        keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
-        variants.append((kind, counts, slim(model, example_input, keep, spec=spec)
-                         if keep else model))
-    timers = [backend.module_timer(v, example_input) for _, _, v in variants]
-    with progress_bar(total=rounds * len(timers), desc="measure", unit="run",
-                      disable=not progress) as bar:
-        measured = interleaved(timers, rounds, bar.update)
+    variants = refs + _slimmed(model, example_input, spec, chosen, progress)
+    measured = _measure([v for _, _, v in variants], example_input, backend, rounds, progress)
 
     def entries_ms(counts: dict[int, int]) -> float:
         return sum(lut.layer_latencies(spec, counts, calibrated=False).values())
@@ -204,7 +194,8 @@ def verify(
                 for (_, counts, _), m in zip(refs, measured[: len(refs)], strict=True)))
     report = VerifyReport(
         model=name or type(model).__name__, input_shape=tuple(example_input.shape),
-        backend=desc, lut=lut_path, tolerance=tolerance, dense_measured_ms=measured[0].ms,
+        backend=desc.to_dict(), lut=lut_path, tolerance=tolerance,
+        dense_measured_ms=measured[0].ms,
         calibration=calibration, scale=cal.scale, constant_ms=cal.constant_ms,
     )
     log(f"dense: measured {measured[0].ms:.4g} ms, LUT entries {entries_ms(refs[0][1]):.4g} ms;"
@@ -216,37 +207,21 @@ def verify(
     return report
 
 
-def render(report: VerifyReport) -> str:
-    from .commands.common import format_table
-
-    rows = [[i, s.kind, s.predicted_ms, s.measured_ms, f"{s.error_pct:+.1f}"]
-            for i, s in enumerate(report.samples)]
-    table = format_table(["#", "architecture", "predicted ms", "measured ms", "error %"], rows)
-    verdict = "PASS" if report.passed else "FAIL"
-    return (f"{table}\n\n{report.model} @ {'x'.join(map(str, report.input_shape))} on "
-            f"{report.backend['backend']} {report.backend['precision']} "
-            f"({report.backend['device']}): dense measured {report.dense_measured_ms:.4g} ms\n"
-            f"mean abs error {report.mape:.2f}%  worst {report.max_abs_pct_error:.2f}%  "
-            f"spearman {report.spearman:.3f}  tolerance {100 * report.tolerance:.1f}%  "
-            f"{verdict}")
+def _slimmed(model: nn.Module, example_input: torch.Tensor, spec: NetworkSpec,
+             chosen: list[tuple[str, dict[int, int]]], progress: bool
+             ) -> list[tuple[str, dict[int, int], nn.Module]]:
+    """Each architecture as a slimmed copy of ``model`` (``model`` itself where dense)."""
+    out = []
+    for kind, counts in progress_bar(chosen, desc="slim", unit="arch", disable=not progress):
+        keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
+        out.append((kind, counts, slim(model, example_input, keep, spec=spec) if keep else model))
+    return out
 
 
-def plot(report: VerifyReport, path: str | Path) -> Path:
-    """Predicted vs measured scatter with the y = x line and the tolerance band."""
-    pred = np.array([s.predicted_ms for s in report.samples])
-    meas = np.array([s.measured_ms for s in report.samples])
-    lo, hi = 0.9 * min(pred.min(), meas.min()), 1.1 * max(pred.max(), meas.max())
-    fig, ax = subplots(figsize=(5, 5), dpi=120)
-    line = np.linspace(lo, hi, 2)
-    ax.plot(line, line, "k-", lw=1, label="predicted = measured")
-    ax.fill_between(line, line * (1 - report.tolerance), line * (1 + report.tolerance),
-                    color="tab:green", alpha=0.15, label=f"±{100 * report.tolerance:.0f}%")
-    kinds = sorted({s.kind.split("@")[0] for s in report.samples})
-    for kind in kinds:
-        idx = [i for i, s in enumerate(report.samples) if s.kind.split("@")[0] == kind]
-        ax.scatter(meas[idx], pred[idx], label=kind, s=25)
-    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured ms", ylabel="predicted ms",
-           title=f"{report.model}: MAPE {report.mape:.1f}%, ρ {report.spearman:.2f}")
-    ax.legend(loc="upper left", fontsize=8)
-    return save_png(fig, path)
-
+def _measure(models: list[nn.Module], example_input: torch.Tensor, backend: Backend,
+             rounds: int, progress: bool) -> list[Measurement]:
+    """All models timed in interleaved rounds, so drift on the machine hits them alike."""
+    timers = [backend.module_timer(m, example_input) for m in models]
+    with progress_bar(total=rounds * len(timers), desc="measure", unit="run",
+                      disable=not progress) as bar:
+        return interleaved(timers, rounds, bar.update)

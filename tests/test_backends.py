@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -14,10 +15,25 @@ import torch
 from torch import nn
 
 import pipeline
-from pipeline.backends import Backend, Measurement, TimingSettings, get_backend
-from pipeline.backends.timing import combine, measure, slug
+from pipeline import engine
+from pipeline.backends import (
+    Backend,
+    EngineBuilder,
+    Measurement,
+    OnnxTimer,
+    TimingSettings,
+    available,
+    backend_class,
+    engine_builders,
+    get_backend,
+)
+from pipeline.backends.device import cpu_key, cuda_key, kind_of, slug
+from pipeline.backends.timing import combine, measure
 from pipeline.backends.torch import cuda_graph, deployable
-from pipeline.errors import BackendUnavailable, HalpError
+from pipeline.errors import BackendUnavailable, HalpError, LutMismatch
+from pipeline.export import to_onnx
+from pipeline.kinds import DeviceKind, OpKind, Precision, Statistic
+from pipeline.lut import LatencyTable, build_lut
 from pipeline.onnx_layers import layer_input, layer_model
 from pipeline.spec import LayerSpec
 from pipeline.structure import analyze
@@ -89,6 +105,27 @@ def test_device_slug_is_short_and_stable() -> None:
     assert slug("NVIDIA Orin (nvgpu)") == "nvidia-orin-nvgpu"
 
 
+def test_device_keys_and_their_kind() -> None:
+    """One builder per kind of key; the kind is read back from a key, e.g. a table's."""
+    assert re.fullmatch(r"cpu-[a-z0-9-]+-t3", cpu_key(3)) and kind_of(cpu_key(3)) == "cpu"
+    assert cuda_key("NVIDIA H200", (9, 0)) == "cuda-nvidia-h200-sm90"
+    assert cuda_key("NVIDIA H200") == "cuda-nvidia-h200"  # ONNX Runtime's keys, as they were
+    assert kind_of("cuda-nvidia-orin") is DeviceKind.CUDA
+    assert kind_of("cpu-arm-cortex-a78ae-t1") is DeviceKind.CPU
+
+
+def test_kinds_are_their_strings_in_json_and_text() -> None:
+    for member in (Precision.FP16, DeviceKind.CUDA, Statistic.P10, OpKind.DWCONV):
+        assert member == member.value and f"{member}" == str(member) == member.value
+        assert json.dumps({"k": member}) == json.dumps({"k": member.value})
+        assert {member.value: 1}[member] == 1
+    assert TimingSettings().resolved(DeviceKind.CPU).statistic == "p10"
+    assert TimingSettings().resolved(DeviceKind.CUDA).statistic == "median"
+    assert TimingSettings(statistic="median").resolved(DeviceKind.CPU).statistic == "median"
+    with pytest.raises(HalpError, match="median, p10 or auto"):
+        TimingSettings(statistic="mean")
+
+
 # --- ONNX Runtime ------------------------------------------------------------------------------
 
 def test_onnxruntime_times_a_layer_and_describes_itself(conv: LayerSpec) -> None:
@@ -96,12 +133,41 @@ def test_onnxruntime_times_a_layer_and_describes_itself(conv: LayerSpec) -> None
     assert isinstance(backend, Backend)
     assert_sane(backend.time_layer(conv, 8, 16), 5)
     info = backend.describe()
-    assert info["backend"] == "onnxruntime" and info["precision"] == "fp32"
-    assert info["threads"] == 1 and info["device_key"].endswith("-t1")
-    assert info["settings"] == {"warmup": 1, "repeats": 5, "min_sample_ms": 0.2, "warmup_ms": 0.0,
-                                "statistic": "p10"}
-    assert {"onnxruntime", "onnx", "numpy"} <= set(info["versions"])
+    assert info.backend == "onnxruntime" and info.precision == "fp32"
+    assert info.threads == 1 and info.device_key.endswith("-t1") and info.kind == "cpu"
+    assert info.to_dict()["settings"] == {"warmup": 1, "repeats": 5, "min_sample_ms": 0.2,
+                                          "warmup_ms": 0.0, "statistic": "p10"}
+    assert {"onnxruntime", "onnx", "numpy"} <= set(info.versions)
     assert info == get_backend("onnxruntime", threads=1, **FAST).describe()
+
+
+def test_description_is_recorded_as_it_always_was(conv: LayerSpec) -> None:
+    """Tables and journal headers hold ``to_dict()``: the same keys in the same order as the
+    dict describe() used to return, plain JSON values, so old tables and journals still match."""
+    info = get_backend("onnxruntime", threads=1, **FAST).describe()
+    recorded = info.to_dict()
+    assert list(recorded) == ["backend", "precision", "device", "device_key", "provider",
+                              "versions", "threads", "settings"]
+    assert json.loads(json.dumps(recorded)) == recorded
+    assert type(recorded["precision"]) is str and type(recorded["settings"]["statistic"]) is str
+    torch_info = get_backend("torch", threads=1, **FAST).describe().to_dict()
+    assert "provider" not in torch_info and torch_info["threads"] == 1
+
+
+def test_description_round_trips_into_table_meta(tmp_path: Path) -> None:
+    """A built table's meta starts with the description as JSON reads it back, and the table
+    is accepted for that description and refused for another one."""
+    backend = get_backend("onnxruntime", threads=1, **FAST)
+    net, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 8, 8)
+    build_lut(analyze(net, x), backend, step=8, out=tmp_path / "t.json", progress=False)
+    recorded = backend.describe().to_dict()
+    meta = json.loads((tmp_path / "t.json").read_text())["meta"]
+    assert list(meta)[: len(recorded)] == list(recorded)
+    assert {k: meta[k] for k in recorded} == json.loads(json.dumps(recorded))
+    table = LatencyTable.load(tmp_path / "t.json", backend=backend)
+    table.check_backend(backend.describe())
+    with pytest.raises(LutMismatch, match=r"precision='fp32'.*precision='fp16' was requested"):
+        table.check_backend(replace(backend.describe(), precision=Precision.FP16))
 
 
 def test_onnxruntime_times_files_and_modules(conv: LayerSpec, tmp_path) -> None:
@@ -140,13 +206,29 @@ def test_torch_cpu_times_layers_and_modules_and_restores_threads(conv: LayerSpec
     assert_sane(backend.time_module(net, torch.randn(1, 3, 16, 16)), 5)
     assert net.training and torch.get_num_threads() == before
     info = backend.describe()
-    assert info["backend"] == "torch" and info["threads"] == 1 and "torch" in info["versions"]
+    assert info.backend == "torch" and info.threads == 1 and "torch" in info.versions
 
 
-def test_torch_refuses_onnx_and_cpu_fp16(conv: LayerSpec) -> None:
-    backend = get_backend("torch", threads=1, **FAST)
-    with pytest.raises(HalpError, match="time_module / time_layer"):
-        backend.time_onnx(layer_model(conv, 8, 16), {"x": layer_input(conv, 8)})
+def test_capabilities_are_declared_not_refused(tmp_path: Path) -> None:
+    """Eager torch times layers and networks but has no ONNX timer and no engine format: it
+    does not carry methods that only raise, and engine building names the backends that can."""
+    torch_backend = get_backend("torch", threads=1, **FAST)
+    ort_backend = get_backend("onnxruntime", threads=1, **FAST)
+    assert isinstance(torch_backend, Backend) and isinstance(ort_backend, Backend)
+    assert not isinstance(torch_backend, (OnnxTimer, EngineBuilder))
+    assert isinstance(ort_backend, OnnxTimer) and isinstance(ort_backend, EngineBuilder)
+    assert engine_builders() == ("onnxruntime", "tensorrt")
+    net = tmp_path / "net.onnx"
+    to_onnx(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8), net)
+    with pytest.raises(HalpError, match=r"torch backend has no engine format; build engines "
+                                        r"with --backend onnxruntime or tensorrt"):
+        engine.build(net, torch_backend, tmp_path)
+    built = engine.build(net, ort_backend, tmp_path, name="net")
+    with pytest.raises(HalpError, match="no engine format"):
+        engine.measure(replace(built, backend="torch"), torch_backend)
+
+
+def test_torch_refuses_cpu_fp16_and_a_missing_gpu() -> None:
     with pytest.raises(HalpError, match="fp16 on CUDA only"):
         get_backend("torch", "fp16")
     if not torch.cuda.is_available():
@@ -161,7 +243,8 @@ def test_torch_cuda_event_timing(conv: LayerSpec, precision: str) -> None:
     backend = get_backend("torch", precision, device="cuda", **FAST)
     assert_sane(backend.time_layer(conv, 8, 16), 5)
     info = backend.describe()
-    assert info["device_key"].startswith("cuda-") and "cudnn" in info["versions"]
+    assert info.kind == "cuda" and re.search(r"-sm\d+$", info.device_key)
+    assert "cudnn" in info.versions
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     assert_sane(backend.time_module(net, torch.randn(2, 3, 32, 32)), 5)
     assert next(net.parameters()).device.type == "cpu"  # the caller's copy stays put
@@ -208,15 +291,18 @@ def test_cuda_graph_replays_the_module_on_new_input() -> None:
 # --- TensorRT ----------------------------------------------------------------------------------
 
 def test_tensorrt_absent_is_a_clear_backend_unavailable(monkeypatch) -> None:
-    import pipeline.backends.tensorrt as trt_backend  # importable without tensorrt/pycuda
-
+    # the class is importable without tensorrt/pycuda, and declares an engine format
+    assert issubclass(backend_class("tensorrt"), EngineBuilder)
     for name in ("tensorrt", "pycuda", "pycuda.driver", "pycuda.autoprimaryctx"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail, as if absent
     with pytest.raises(BackendUnavailable) as err:
         get_backend("tensorrt", "fp16")
     assert "pip install '.[tensorrt]'" in str(err.value) and "NVIDIA GPU" in str(err.value)
-    with pytest.raises(BackendUnavailable, match="TensorRT 10"):
-        trt_backend.build_engine(b"", "fp32")
+    reason = available("tensorrt", "fp16")
+    assert reason is not None and "TensorRT 10" in reason
+    assert available("onnxruntime", threads=1) is None
+    with pytest.raises(HalpError, match="unknown backend"):
+        available("openvino")
 
 
 def test_only_the_tensorrt_backend_mentions_tensorrt_or_pycuda() -> None:
@@ -236,14 +322,16 @@ def test_only_the_tensorrt_backend_mentions_tensorrt_or_pycuda() -> None:
 @pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1",
                     reason="set HALP_TENSORRT=1 on a machine with TensorRT 10, pycuda and a GPU")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str) -> None:
-    from pipeline.backends.tensorrt import build_engine
-
+def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str,
+                                          tmp_path: Path) -> None:
     backend = get_backend("tensorrt", precision, **FAST)
+    assert isinstance(backend, EngineBuilder) and isinstance(backend, OnnxTimer)
     assert_sane(backend.time_layer(conv, 8, 16), 5)
-    plan = build_engine(layer_model(conv, 8, 4), precision)
-    assert_sane(backend.time_plan(plan, {"x": layer_input(conv, 8)}), 5)
+    plan = backend.build_engine(layer_model(conv, 8, 4), tmp_path, "layer")
+    assert plan == tmp_path / "layer.plan" and plan.stat().st_size > 0
+    assert_sane(backend.time_engine(plan, {"x": layer_input(conv, 8)}), 5)
     info = backend.describe()
-    assert info["device_key"].startswith("cuda-") and "tensorrt" in info["versions"]
+    assert info.kind == "cuda" and re.search(r"-sm\d+$", info.device_key)
+    assert "tensorrt" in info.versions and info.threads is None
     assert np.isfinite(backend.time_module(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 16, 16))
                        .median_ms)

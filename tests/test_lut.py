@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.backends import Measurement, get_backend
+from pipeline.backends import BackendInfo, Measurement, get_backend
 from pipeline.cli import main
 from pipeline.errors import HalpError, LutError, LutMismatch
 from pipeline.lut import LatencyTable, LutEntry, build_lut, journal_path, layer_points, plan
@@ -35,7 +35,7 @@ class Interrupting:
         self.inner, self.limit, self.calls = inner, limit, 0
         self.name, self.precision = inner.name, inner.precision
 
-    def describe(self) -> dict:
+    def describe(self) -> BackendInfo:
         return self.inner.describe()
 
     def time_layer(self, layer: LayerSpec, cin: int, cout: int,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.commands.prune import render
 from pipeline.errors import HalpError
 from pipeline.prune import PruneConfig, run
 
@@ -37,6 +38,14 @@ def test_report_has_every_field(smoke: tuple[PruneConfig, dict]) -> None:
         assert key in report
     assert report["pruned"]["params"] < report["dense"]["params"]
     assert (cfg.out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_renders_the_report(smoke: tuple[PruneConfig, dict]) -> None:
+    _, report = smoke
+    text = render(report)
+    for row in ("parameters", "MACs", "predicted ms", "measured ms", "top-1 %"):
+        assert row in text
+    assert text.splitlines()[1].startswith(f"{report['model']} on {report['data']} @ 1x3x32x32")
 
 
 def test_pruned_prediction_meets_target(smoke: tuple[PruneConfig, dict]) -> None:

@@ -9,16 +9,18 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch_pruning as tp
 from _pruner_support import INPUT, batch, ddp_worker, lut_path, make_model, sgd, train
 from torch import nn
 
 from pipeline.errors import HalpError, InfeasibleBudget
 from pipeline.export import to_onnx
 from pipeline.lut import LatencyTable
+from pipeline.planner import Planner
 from pipeline.pruner import HalpPruner
 from pipeline.slim import check_equivalent
 from pipeline.spec import NetworkSpec
-from pipeline.structure import analyze
+from pipeline.structure import analyze, trace
 
 
 def _lut(name: str) -> LatencyTable:
@@ -28,17 +30,13 @@ def _lut(name: str) -> LatencyTable:
 def _target_ms(name: str, lut: LatencyTable, x: torch.Tensor, share: float) -> float:
     """Milliseconds ``share`` of the way from the smallest network to the dense one.
 
-    Derived from what this LUT says (the pruner's own error and dense prediction), because the
+    Derived from what this LUT says (the pruner's view: its stem stays dense), because the
     measured ratio between them depends on the machine and its load.
     """
-    model = make_model(name)
-    dense = HalpPruner(model, x, lut, target=1.0).dense_ms
-    try:  # a negative calibration constant can put the smallest network at <= 0 ms
-        HalpPruner(model, x, lut, target=1e-9)
-        minimum = 0.0
-    except InfeasibleBudget as exc:
-        minimum = exc.minimum
-    return minimum + share * (dense - minimum)
+    planner = Planner(trace(make_model(name), x, ignore_stem=True).spec, lut)
+    # a negative calibration constant can put the smallest network at <= 0 ms
+    minimum = max(planner.minimum_ms, 0.0)
+    return minimum + share * (planner.dense_ms - minimum)
 
 
 def _masked_entries_are_zero(model: nn.Module, spec: NetworkSpec,
@@ -180,22 +178,29 @@ def test_infeasible_target_names_the_minimum() -> None:
     assert f"{info.value.minimum:.4g} ms" in str(info.value)
 
 
-def test_plan_solves_one_step_without_masking() -> None:
-    model = make_model("resnet18")
+def test_pruner_traces_once_and_decides_through_its_planner(monkeypatch) -> None:
+    builds = []
+    build = tp.DependencyGraph.build_dependency
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency",
+                        lambda self, *a, **k: builds.append(1) or build(self, *a, **k))
     x = torch.randn(*INPUT)
     lut = _lut("resnet18")
-    pruner = HalpPruner(model, x, lut, target=1.0, log=lambda _m: None)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = HalpPruner(make_model("resnet18"), x, lut, target=0.9, steps=4,
+                        log=lambda _m: None)
+    assert len(builds) == 1
+    planner = pruner.planner
+    assert planner.spec is pruner.spec and planner.groups == list(pruner.counts)
+    assert pruner.dense_ms == planner.dense_ms
+    assert pruner.budgets == planner.schedule(pruner.target_ms, 4)
     rng = np.random.default_rng(0)
-    saliency = {g: rng.random(c[-1]) for g, c in pruner.choices.items()}
-    for g, c in pruner.choices.items():
+    saliency = {g: rng.random(c[-1]) for g, c in planner.choices.items()}
+    for g, c in planner.choices.items():
         assert c[0] == 0 and c[-1] == pruner.spec.group(g).channels
-    budget = (pruner.minimum_ms + pruner.dense_ms) / 2
-    counts = pruner.plan(budget, saliency)
-    assert lut.predict(pruner.spec, counts) <= budget < pruner.dense_ms
-    assert all(counts[g] in pruner.choices[g] for g in counts)
-    assert pruner.plan(pruner.dense_ms, saliency) == pruner.counts  # dense fits: keep all
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    budget = (planner.minimum_ms + planner.dense_ms) / 2
+    plan = planner.solve(saliency, budget, keep=pruner.keep)
+    assert lut.predict(pruner.spec, plan.counts) == plan.predicted_ms <= budget < pruner.dense_ms
+    assert all(plan.counts[g] in planner.choices[g] for g in plan.counts)
+    assert planner.solve(saliency, planner.dense_ms).counts == pruner.counts  # dense fits
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

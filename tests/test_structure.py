@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.errors import ModelLoadError, ShapeError, StructureError
 from pipeline.models import load_model, parse_shape
 from pipeline.spec import NetworkSpec
-from pipeline.structure import analyze
+from pipeline.structure import analyze, trace
 
 NAMED = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "efficientnet_b0"]
 OTHERS = ["densenet121", "googlenet", "regnet_y_400mf", "mnasnet0_5", "squeezenet1_0",
@@ -148,6 +148,19 @@ def test_ignore_marks_groups_not_prunable() -> None:
     assert "ignored layer conv1" in reasons
     with pytest.raises(StructureError, match="not modules of the model"):
         analyze(model, torch.randn(1, 3, 64, 64), ignore=["no.such.layer"])
+
+
+def test_trace_keeps_the_graph_and_finds_the_stem() -> None:
+    model = torchvision.models.mobilenet_v2()
+    x = torch.randn(1, 3, 64, 64)
+    plain, dense_stem = trace(model, x), trace(model, x, ignore_stem=True)
+    assert plain.spec == analyze(model, x)
+    assert plain.stem == dense_stem.stem == "features.0.0"
+    assert dense_stem.spec == analyze(model, x, ignore=["features.0.0"])
+    assert plain.spec.layer("features.0.0").out_group is not None
+    assert dense_stem.spec.layer("features.0.0").out_group is None
+    assert dense_stem.graph.model is model
+    assert model.features[0][0] in dense_stem.graph.module2node
 
 
 def test_macs_params_and_json_round_trip() -> None:

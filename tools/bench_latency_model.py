@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.backends import get_backend
-from pipeline.backends.timing import cpu_name, default_threads
+from pipeline.backends.device import cpu_name, default_threads
 from pipeline.commands.common import format_table
 from pipeline.commands.lut import DEFAULT_MAX_POINTS, DEFAULT_PASSES
 from pipeline.fsio import append_journal, read_journal

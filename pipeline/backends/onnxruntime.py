@@ -9,19 +9,14 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import BackendUnavailable, HalpError
-from . import OnnxBackend, onnx_bytes
-from .timing import (
-    Measurement,
-    TimingSettings,
-    cpu_name,
-    default_threads,
-    host_timer,
-    measure,
-    simd_channels,
-    slug,
-)
+from ..fsio import atomic_write_bytes
+from ..kinds import DeviceKind, Precision
+from .capabilities import BackendInfo
+from .device import channel_step, cpu_key, cpu_name, cuda_key, thread_count
+from .onnx_base import OnnxBackend, onnx_bytes
+from .timing import Measurement, TimingSettings, host_timer, measure
 
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_PROVIDERS = {DeviceKind.CPU: "CPUExecutionProvider", DeviceKind.CUDA: "CUDAExecutionProvider"}
 
 
 class OnnxRuntimeBackend(OnnxBackend):
@@ -29,43 +24,47 @@ class OnnxRuntimeBackend(OnnxBackend):
 
     ``threads`` is the intra-op thread count (default: the physical cores this process may
     use); inter-op parallelism is off and execution sequential, so a layer's time does not
-    depend on what else the scheduler overlaps it with.
+    depend on what else the scheduler overlaps it with. Its engine is the model saved after
+    those optimisations (:meth:`build_engine`).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, precision: str = "fp32", *, settings: TimingSettings | None = None,
-                 threads: int | None = None, device: str = "cpu"):
+    def __init__(self, precision: Precision = Precision.FP32, *,
+                 settings: TimingSettings | None = None, threads: int | None = None,
+                 device: str = "cpu"):
         if device not in _PROVIDERS:
             raise HalpError(f"onnxruntime device {device!r} is not one of {', '.join(_PROVIDERS)}")
-        if precision != "fp32":
+        if precision != Precision.FP32:
             raise HalpError(
                 f"the onnxruntime backend times fp32 models only, not {precision}; for fp16 use "
                 "the tensorrt backend (or torch on a CUDA device)"
             )
-        if device == "cuda" and _PROVIDERS["cuda"] not in ort.get_available_providers():
+        if device == DeviceKind.CUDA and _PROVIDERS[DeviceKind.CUDA] not in \
+                ort.get_available_providers():
             raise BackendUnavailable(
                 "onnxruntime has no CUDAExecutionProvider here (available: "
                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a "
                 "machine with an NVIDIA GPU, or use device='cpu'"
             )
-        if threads is not None and threads < 1:
-            raise HalpError(f"threads must be >= 1, got {threads}")
         self.precision = precision
-        self.settings = (settings or TimingSettings()).resolved(
-            "p10" if device == "cpu" else "median")
-        self.device = device
-        self.threads = threads or default_threads()
-        #: LUT grid step and pruning unit: the kernel's channel block (CUDA EP: tensor cores' 8)
-        self.default_step = simd_channels() if device == "cpu" else 8
+        self.device = DeviceKind(device)
+        self.settings = (settings or TimingSettings()).resolved(self.device)
+        self.threads = thread_count(threads)
+        self.default_step = channel_step(self.device)
 
-    def _session(self, data: bytes) -> ort.InferenceSession:
+    def _options(self) -> ort.SessionOptions:
+        """Every graph optimisation, sequential execution, the pinned thread count."""
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # warnings about unused initializers are noise here
+        return opts
+
+    def _session(self, data: bytes) -> ort.InferenceSession:
+        opts = self._options()
         try:
             return ort.InferenceSession(data, sess_options=opts,
                                         providers=[_PROVIDERS[self.device]])
@@ -95,24 +94,38 @@ class OnnxRuntimeBackend(OnnxBackend):
         binding = self._binding(sess, inputs)
         return measure(host_timer(lambda: sess.run_with_iobinding(binding)), self.settings)
 
-    def describe(self) -> dict:
-        if self.device == "cpu":
-            device = cpu_name()
-            key = f"cpu-{slug(device)}-t{self.threads}"
+    def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
+        """The model after ONNX Runtime's full graph optimisation (fusions, constant folding),
+        as ``<name>.ort.onnx``.
+
+        The result can contain CPU-specific fused ops: it is an engine for this kind of
+        machine, like a TensorRT plan is for one GPU.
+        """
+        out = Path(out_dir) / f"{name}.ort.onnx"
+        tmp = out.with_name(out.name + ".partial")
+        opts = self._options()
+        opts.optimized_model_filepath = str(tmp)
+        try:
+            ort.InferenceSession(onnx_bytes(model), sess_options=opts,
+                                 providers=[_PROVIDERS[DeviceKind.CPU]])
+            return atomic_write_bytes(out, tmp.read_bytes())
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def time_engine(self, path: Path, inputs: dict[str, np.ndarray]) -> Measurement:
+        return self.time_onnx(path, inputs)
+
+    def describe(self) -> BackendInfo:
+        if self.device == DeviceKind.CPU:
+            device, key = cpu_name(), cpu_key(self.threads)
         else:
             import torch  # ORT exposes no device name; torch (a dependency) does
 
             device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
-            key = f"cuda-{slug(device)}"
-        return {
-            "backend": self.name,
-            "precision": self.precision,
-            "device": device,
-            "device_key": key,
-            "provider": _PROVIDERS[self.device],
-            "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__,
-                         "numpy": np.__version__},
-            "threads": self.threads,
-            "settings": self.settings.to_dict(),
-        }
-
+            key = cuda_key(device)
+        return BackendInfo(
+            backend=self.name, precision=self.precision, device=device, device_key=key,
+            provider=_PROVIDERS[self.device],
+            versions={"onnxruntime": ort.__version__, "onnx": onnx.__version__,
+                      "numpy": np.__version__},
+            threads=self.threads, settings=self.settings)

@@ -3,9 +3,10 @@
 Written against the TensorRT 10 Python API (name-based I/O: ``num_io_tensors``,
 ``get_tensor_name/shape/dtype/mode``, ``IExecutionContext.set_tensor_address``,
 ``execute_async_v3``), polygraphy 0.49+ loaders (``NetworkFromOnnxBytes``, ``CreateConfig``,
-``EngineBytesFromNetwork``, ``engine_from_bytes``) and pycuda 2022.2+ (``autoprimaryctx``,
-``Event.record(stream)``, ``Event.time_till``). ``tensorrt`` and ``pycuda`` are imported inside
-functions only: nothing else in the package imports them, and the package works without them.
+``EngineBytesFromNetwork``, ``engine_from_bytes``, ``PolygraphyException``) and pycuda 2022.2+
+(``autoprimaryctx``, ``Event.record(stream)``, ``Event.time_till``). ``tensorrt`` and
+``pycuda`` are imported inside functions only: nothing else in the package imports them, and
+the package works without them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import numpy as np
 import onnx
 
 from ..errors import BackendUnavailable, HalpError
-from . import PRECISIONS, OnnxBackend, onnx_bytes
-from .timing import BatchTimer, Measurement, TimingSettings, measure, slug
+from ..fsio import atomic_write_bytes
+from ..kinds import DeviceKind, Precision
+from .capabilities import BackendInfo
+from .device import channel_step, cuda_key
+from .onnx_base import OnnxBackend, onnx_bytes
+from .timing import BatchTimer, Measurement, TimingSettings, measure
 
 INSTALL_HINT = (
     "the tensorrt backend needs TensorRT 10 and pycuda on a machine with an NVIDIA GPU: "
@@ -40,27 +45,6 @@ def _cuda() -> ModuleType:
     which uses the CUDA runtime and so the primary context)."""
     _require("pycuda.autoprimaryctx")
     return _require("pycuda.driver")
-
-
-def build_engine(onnx_model: onnx.ModelProto | bytes | str | Path,
-                 precision: str = "fp32") -> bytes:
-    """A serialized TensorRT plan for the ONNX model (fp16 lets TensorRT pick half kernels)."""
-    if precision not in PRECISIONS:
-        raise HalpError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    trt = _require("tensorrt")
-    loaders = _require("polygraphy.backend.trt")
-    exception = _require("polygraphy.exception")
-    _cuda()
-    # lazy loaders: the builder and network live only inside the build call
-    build = loaders.EngineBytesFromNetwork(
-        loaders.NetworkFromOnnxBytes(onnx_bytes(onnx_model)),
-        config=loaders.CreateConfig(fp16=precision == "fp16"),
-    )
-    try:
-        plan = build()
-    except exception.PolygraphyException as exc:
-        raise HalpError(f"TensorRT {trt.__version__} could not build an engine: {exc}") from exc
-    return bytes(plan)
 
 
 class _Bindings:
@@ -105,45 +89,60 @@ class _Bindings:
 
 
 class TensorRTBackend(OnnxBackend):
-    """Builds an engine per ONNX model at the backend's precision and times it on device 0."""
+    """Builds an engine per ONNX model at the backend's precision and times it on device 0; its
+    engine files are the serialized plans (``.plan``)."""
 
     name = "tensorrt"
     #: TensorRT removes layers whose outputs nobody reads: every copy's output is kept
     packed_outputs = "all"
 
-    def __init__(self, precision: str = "fp32", *, settings: TimingSettings | None = None):
+    def __init__(self, precision: Precision = Precision.FP32, *,
+                 settings: TimingSettings | None = None):
         self.trt = _require("tensorrt")
-        _require("polygraphy.backend.trt")
+        self.loaders = _require("polygraphy.backend.trt")
         self.cuda = _cuda()
         self.precision = precision
-        self.settings = (settings or TimingSettings()).resolved("median")
-        #: LUT grid step and pruning unit: FP16/INT8 tensor-core kernels take channels in 8s
-        self.default_step = 8
+        self.settings = (settings or TimingSettings()).resolved(DeviceKind.CUDA)
+        self.default_step = channel_step(DeviceKind.CUDA)
 
-    def time_plan(self, plan: bytes, inputs: dict[str, np.ndarray]) -> Measurement:
-        """Time a serialized engine (e.g. one written by :func:`build_engine`)."""
-        loaders = _require("polygraphy.backend.trt")
-        engine = loaders.engine_from_bytes(plan)
+    def _plan(self, model: onnx.ModelProto | bytes | str | Path) -> bytes:
+        """A serialized TensorRT plan for the ONNX model (fp16 lets TensorRT pick half kernels)."""
+        exception = _require("polygraphy.exception")
+        # lazy loaders: the builder and network live only inside the build call
+        build = self.loaders.EngineBytesFromNetwork(
+            self.loaders.NetworkFromOnnxBytes(onnx_bytes(model)),
+            config=self.loaders.CreateConfig(fp16=self.precision == Precision.FP16),
+        )
+        try:
+            plan = build()
+        except exception.PolygraphyException as exc:
+            raise HalpError(f"TensorRT {self.trt.__version__} could not build an engine: {exc}"
+                            ) from exc
+        return bytes(plan)
+
+    def _time_plan(self, plan: bytes, inputs: dict[str, np.ndarray]) -> Measurement:
+        engine = self.loaders.engine_from_bytes(plan)
         return measure(_Bindings(engine, inputs).timer(), self.settings)
+
+    def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
+        return atomic_write_bytes(Path(out_dir) / f"{name}.plan", self._plan(model))
+
+    def time_engine(self, path: Path, inputs: dict[str, np.ndarray]) -> Measurement:
+        return self._time_plan(Path(path).read_bytes(), inputs)
 
     def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
                   inputs: dict[str, np.ndarray]) -> Measurement:
-        return self.time_plan(build_engine(model, self.precision), inputs)
+        return self._time_plan(self._plan(model), inputs)
 
-    def describe(self) -> dict:
+    def describe(self) -> BackendInfo:
         device = self.cuda.Device(0)
-        major, minor = device.compute_capability()
         polygraphy = _require("polygraphy")
         pycuda = _require("pycuda")
         driver = self.cuda.get_driver_version()
-        return {
-            "backend": self.name,
-            "precision": self.precision,
-            "device": device.name(),
-            "device_key": f"cuda-{slug(device.name())}-sm{major}{minor}",
-            "versions": {"tensorrt": self.trt.__version__, "polygraphy": polygraphy.__version__,
-                         "pycuda": pycuda.VERSION_TEXT, "cuda_driver": str(driver),
-                         "numpy": np.__version__},
-            "threads": None,
-            "settings": self.settings.to_dict(),
-        }
+        return BackendInfo(
+            backend=self.name, precision=self.precision, device=device.name(),
+            device_key=cuda_key(device.name(), device.compute_capability()),
+            versions={"tensorrt": self.trt.__version__, "polygraphy": polygraphy.__version__,
+                      "pycuda": pycuda.VERSION_TEXT, "cuda_driver": str(driver),
+                      "numpy": np.__version__},
+            threads=None, settings=self.settings)

@@ -1,4 +1,4 @@
-"""The measurement protocol every backend shares, and the device identity that goes with it.
+"""The measurement protocol every backend shares.
 
 A LUT is only as good as the agreement between its entries: every backend times a layer the same
 way (warm-up, then N samples, median and an outlier-robust spread), differing only in the clock
@@ -9,26 +9,18 @@ are timed as a batch of back-to-back runs per sample.
 from __future__ import annotations
 
 import math
-import os
-import platform
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
 
 import numpy as np
 
 from ..errors import HalpError
+from ..kinds import DeviceKind, Statistic
 
 #: ``time_batch(k)`` runs the op ``k`` times back to back and returns the elapsed milliseconds
 BatchTimer = Callable[[int], float]
-
-
-#: what a measurement reports as *the* latency. ``p10`` suits shared CPUs: interference from
-#: other tenants only ever adds time, and a low percentile of many samples stays put while the
-#: median swings by ±10% between seconds on such machines; GPUs timed with CUDA events are
-#: steady enough for the median.
-STATISTICS = ("median", "p10")
 
 
 @dataclass(frozen=True)
@@ -44,12 +36,12 @@ class Measurement:
     p90_ms: float
     n: int
     inner: int = 1
-    statistic: str = "median"
+    statistic: Statistic = Statistic.MEDIAN
 
     @property
     def ms(self) -> float:
         """The latency, by the measurement protocol's statistic."""
-        return self.p10_ms if self.statistic == "p10" else self.median_ms
+        return self.p10_ms if self.statistic == Statistic.P10 else self.median_ms
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +57,7 @@ class Measurement:
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float], inner: int = 1,
-                     statistic: str = "median") -> Measurement:
+                     statistic: Statistic = Statistic.MEDIAN) -> Measurement:
         samples = np.asarray(samples_ms, dtype=float)
         if samples.size == 0:
             raise ValueError("a measurement needs at least one sample")
@@ -80,15 +72,15 @@ class TimingSettings:
 
     ``warmup`` runs (and at least ``warmup_ms`` of running) come first, then ``repeats``
     samples; each sample lasts at least ``min_sample_ms``. The defaults keep a CPU LUT quick
-    to build; raise ``repeats`` for final tables. ``statistic`` (see :data:`STATISTICS`):
-    "auto" lets the backend choose (p10 on CPU, median on GPU).
+    to build; raise ``repeats`` for final tables. ``statistic`` (a
+    :class:`~pipeline.kinds.Statistic`): "auto" lets the device kind choose (:meth:`resolved`).
     """
 
     warmup: int = 5
     repeats: int = 15
     min_sample_ms: float = 0.2
     warmup_ms: float = 10.0
-    statistic: str = "auto"
+    statistic: Statistic | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1 or self.min_sample_ms < 0 or self.warmup_ms < 0:
@@ -96,16 +88,21 @@ class TimingSettings:
                 f"timing settings {self.to_dict()} are invalid: need warmup >= 0, repeats >= 1, "
                 "min_sample_ms >= 0 and warmup_ms >= 0"
             )
-        if self.statistic not in (*STATISTICS, "auto"):
+        if self.statistic not in (*Statistic, "auto"):
             raise HalpError(f"statistic {self.statistic!r} is not one of "
-                            f"{', '.join(STATISTICS)} or auto")
+                            f"{', '.join(Statistic)} or auto")
 
-    def resolved(self, default: str) -> TimingSettings:
-        """These settings with an "auto" statistic replaced by the backend's ``default``."""
-        return replace(self, statistic=default) if self.statistic == "auto" else self
+    def resolved(self, kind: DeviceKind) -> TimingSettings:
+        """These settings with an "auto" statistic replaced by the one for ``kind``: p10 on
+        shared CPUs, whose interference only ever adds time, the median on GPUs."""
+        if self.statistic != "auto":
+            return self
+        return replace(self, statistic=Statistic.P10 if kind == DeviceKind.CPU
+                       else Statistic.MEDIAN)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As table metadata records it: plain JSON values."""
+        return {**asdict(self), "statistic": str(self.statistic)}
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -169,7 +166,7 @@ def combine(measurements: Sequence[Measurement]) -> Measurement:
     if not measurements:
         raise ValueError("combine needs at least one measurement")
     n = sum(m.n for m in measurements)
-    if measurements[0].statistic == "p10":
+    if measurements[0].statistic == Statistic.P10:
         return replace(min(measurements, key=lambda m: m.ms), n=n)
     first = measurements[0]
     return Measurement(*(float(np.median([getattr(m, f) for m in measurements]))
@@ -187,54 +184,3 @@ def host_timer(run: Callable[[], object]) -> BatchTimer:
         return (time.perf_counter() - t0) * 1e3
 
     return time_batch
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def simd_channels() -> int:
-    """Channels a CPU convolution kernel processes at once: oneDNN and ONNX Runtime's MLAS
-    block channels by 16 with AVX-512 and by 8 otherwise, so latency rises in steps of that."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return 16 if "avx512f" in line.split() else 8
-    except OSError:
-        pass
-    return 8
-
-
-def default_threads() -> int:
-    """Physical cores this process may use: SMT siblings slow conv kernels more than they help."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores: set[tuple[str, str]] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            phys = ""
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "physical id":
-                    phys = value.strip()
-                elif key.strip() == "core id":
-                    cores.add((phys, value.strip()))
-    except OSError:
-        pass
-    return max(1, min(usable or 1, len(cores) or usable or 1))
-
-
-def slug(text: str, limit: int = 40) -> str:
-    """A short lowercase id fragment: ``"Intel(R) Xeon(R) CPU @ 2.20GHz"`` becomes
-    ``intel-xeon-cpu-2-20ghz``."""
-    cleaned = re.sub(r"\((r|tm|c)\)", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", cleaned).strip("-")[:limit].rstrip("-") or "unknown"

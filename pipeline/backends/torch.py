@@ -6,28 +6,19 @@ import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from ..errors import BackendUnavailable, HalpError
+from ..kinds import DeviceKind, Precision
 from ..onnx_layers import layer_input, torch_layer
 from ..spec import LayerSpec
-from .timing import (
-    BatchTimer,
-    Measurement,
-    TimingSettings,
-    cpu_name,
-    default_threads,
-    host_timer,
-    measure,
-    simd_channels,
-    slug,
-)
+from .capabilities import BackendInfo
+from .device import channel_step, cpu_key, cpu_name, cuda_key, thread_count
+from .timing import BatchTimer, Measurement, TimingSettings, host_timer, measure
 
 
 def cuda_timer(run: Callable[[], object]) -> BatchTimer:
@@ -121,10 +112,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, precision: str = "fp32", *, settings: TimingSettings | None = None,
-                 threads: int | None = None, device: str = "cpu"):
+    def __init__(self, precision: Precision = Precision.FP32, *,
+                 settings: TimingSettings | None = None, threads: int | None = None,
+                 device: str = "cpu"):
         self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
+        if self.device.type not in tuple(DeviceKind):
             raise HalpError(f"torch device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(
@@ -133,22 +125,19 @@ class TorchBackend:
             )
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if precision == "fp16" and self.device.type == "cpu":
+        self.kind = DeviceKind(self.device.type)
+        if precision == Precision.FP16 and self.kind == DeviceKind.CPU:
             raise HalpError("the torch backend runs fp16 on CUDA only; use device='cuda' or fp32")
-        if threads is not None and threads < 1:
-            raise HalpError(f"threads must be >= 1, got {threads}")
         self.precision = precision
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        self.settings = (settings or TimingSettings()).resolved(
-            "p10" if self.device.type == "cpu" else "median")
-        self.threads = threads or default_threads()
-        #: LUT grid step and pruning unit: oneDNN's channel block on CPU, tensor cores' 8 on GPU
-        self.default_step = simd_channels() if self.device.type == "cpu" else 8
+        self.dtype = torch.float16 if precision == Precision.FP16 else torch.float32
+        self.settings = (settings or TimingSettings()).resolved(self.kind)
+        self.threads = thread_count(threads)
+        self.default_step = channel_step(self.kind)
 
     @contextmanager
     def _pinned(self) -> Iterator[None]:
         """Process-wide torch settings for the duration of one measurement."""
-        if self.device.type == "cuda":
+        if self.kind == DeviceKind.CUDA:
             previous = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = True
             try:
@@ -168,7 +157,7 @@ class TorchBackend:
         module = module.eval().to(self.device, self.dtype)
         x = x.to(self.device, self.dtype)
         with self._pinned(), torch.inference_mode():
-            if self.device.type == "cpu":
+            if self.kind == DeviceKind.CPU:
                 return measure(host_timer(lambda: module(x)), self.settings)
             replay, _ = cuda_graph(module, x)
             return measure(cuda_timer(replay), self.settings)
@@ -189,30 +178,16 @@ class TorchBackend:
         folded = deployable(model)
         return lambda: self._time(folded, example_input)
 
-    def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
-                  inputs: dict[str, np.ndarray]) -> Measurement:
-        raise HalpError(
-            "the torch backend runs nn.Modules eagerly and cannot time an ONNX model; use "
-            "time_module / time_layer, or the onnxruntime or tensorrt backend for ONNX files"
-        )
-
-    def describe(self) -> dict:
+    def describe(self) -> BackendInfo:
         versions = {"torch": torch.__version__, "numpy": np.__version__}
-        if self.device.type == "cuda":
+        if self.kind == DeviceKind.CUDA:
             device = torch.cuda.get_device_name(self.device)
-            major, minor = torch.cuda.get_device_capability(self.device)
-            key = f"cuda-{slug(device)}-sm{major}{minor}"
+            key = cuda_key(device, torch.cuda.get_device_capability(self.device))
             versions |= {"cuda": torch.version.cuda,
                          "cudnn": str(torch.backends.cudnn.version())}
         else:
-            device = cpu_name()
-            key = f"cpu-{slug(device)}-t{self.threads}"
-        return {
-            "backend": self.name,
-            "precision": self.precision,
-            "device": device,
-            "device_key": key,
-            "versions": versions,
-            "threads": self.threads if self.device.type == "cpu" else None,
-            "settings": self.settings.to_dict(),
-        }
+            device, key = cpu_name(), cpu_key(self.threads)
+        return BackendInfo(
+            backend=self.name, precision=self.precision, device=device, device_key=key,
+            versions=versions, threads=self.threads if self.kind == DeviceKind.CPU else None,
+            settings=self.settings)

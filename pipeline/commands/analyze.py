@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..fsio import atomic_write_text
-from ..models import torchvision_names
-from ..spec import NetworkSpec
-from ..structure import analyze
-from .common import add_model_args, format_table, human, model_from_args
+from .common import OUTPUT_FILE, add_model_args, format_table, human, model_from_args
+
+if TYPE_CHECKING:
+    from ..spec import NetworkSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,13 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--ignore", nargs="*", default=[],
                    help="layer names whose channel groups must not be pruned")
-    p.add_argument("--json", default=None, help="also write the NetworkSpec as JSON here")
+    p.add_argument("--json", default=None, type=OUTPUT_FILE,
+                   help="also write the NetworkSpec as JSON here")
     p.set_defaults(func=run)
     m = sub.add_parser("models", help="list the torchvision model names --model accepts")
-    m.set_defaults(func=lambda _args: print("\n".join(torchvision_names())))
+    m.set_defaults(func=run_models)
+
+
+def run_models(_args: argparse.Namespace) -> int:
+    from ..models import torchvision_names
+
+    print("\n".join(torchvision_names()))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..structure import analyze
+
     model, x = model_from_args(args)
     spec = analyze(model, x, ignore=args.ignore, name=args.model)
     print(render(spec))

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..config import PruneConfig, at_least, parse_points
 from ..errors import HalpError
-from ..lut import LatencyTable, LutEntry, build_lut, journal_path
 from ..plotting import save_png, subplots
-from ..prune import PruneConfig
-from ..structure import analyze
 from .common import (
+    OUTPUT_FILE,
+    POSITIVE_INT,
+    READABLE_FILE,
     add_backend_args,
     add_model_args,
     backend_from_args,
+    checked,
     format_table,
     model_from_args,
 )
+
+if TYPE_CHECKING:
+    from ..lut import LatencyTable, LutEntry
 
 #: grid points per channel axis and passes unless told otherwise: as `halp prune` builds
 DEFAULT_MAX_POINTS = PruneConfig.lut_max_points
@@ -31,56 +37,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="lut_command", required=True, metavar="ACTION")
 
     b = actions.add_parser("build", help="measure a model's layers on a backend (resumable)",
-                           description=build_lut.__doc__)
+                           description="Measure every (signature, cin, cout) point the model's "
+                           "layers need on the backend and write the table; an interrupted "
+                           "build resumes from its journal.")
     add_model_args(b)
     add_backend_args(b)
-    b.add_argument("--step", type=_positive, default=None,
+    b.add_argument("--step", type=POSITIVE_INT, default=None,
                    help="channel grid step for prunable sides (default: the backend's channel "
                         "block, 16 on AVX-512 CPUs, else 8); also the pruning unit")
-    b.add_argument("--max-points", type=_points, default=DEFAULT_MAX_POINTS,
+    b.add_argument("--max-points", type=checked(parse_points, at_least(2)),
+                   default=DEFAULT_MAX_POINTS,
                    help="at most this many grid points per channel axis (default "
                         f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step, slower)")
-    b.add_argument("--passes", type=_positive, default=DEFAULT_PASSES,
+    b.add_argument("--passes", type=POSITIVE_INT, default=DEFAULT_PASSES,
                    help="measure every point this many times, in separately shuffled passes, "
                         "combined by the timing protocol (fastest on CPU, median on GPU); "
                         f"default {DEFAULT_PASSES}: a shared or throttling machine has slow "
                         "spells of seconds, and one pass leaves points measured in them")
-    b.add_argument("--out", required=True, help="table to write (JSON); journal beside it")
+    b.add_argument("--out", required=True, type=OUTPUT_FILE,
+                   help="table to write (JSON); journal beside it")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
     s = actions.add_parser("show", help="summarise a table")
-    s.add_argument("file")
+    s.add_argument("file", type=READABLE_FILE)
     s.set_defaults(func=run_show)
 
     pl = actions.add_parser("plot", help="latency vs output channels (the staircase) as PNG")
-    pl.add_argument("file")
+    pl.add_argument("file", type=READABLE_FILE)
     pl.add_argument("--layer", default=None,
                     help="signature or layer name (default: the entry with the most points)")
-    pl.add_argument("-o", "--out", required=True, help="PNG to write")
+    pl.add_argument("-o", "--out", required=True, type=OUTPUT_FILE, help="PNG to write")
     pl.set_defaults(func=run_plot)
 
     m = actions.add_parser("merge", help="merge shards measured on devices of the same kind")
-    m.add_argument("a")
-    m.add_argument("b")
-    m.add_argument("-o", "--out", required=True)
+    m.add_argument("a", type=READABLE_FILE)
+    m.add_argument("b", type=READABLE_FILE)
+    m.add_argument("-o", "--out", required=True, type=OUTPUT_FILE)
     m.set_defaults(func=run_merge)
 
 
-def _points(text: str) -> int | None:
-    return None if text == "all" else _positive(text)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
 def run_build(args: argparse.Namespace) -> int:
-    if args.max_points is not None and args.max_points < 2:
-        raise HalpError("--max-points must be at least 2 (the smallest and the full count)")
+    from ..lut import build_lut, journal_path
+    from ..structure import analyze
+
     backend = backend_from_args(args)
     model, x = model_from_args(args)
     spec = analyze(model, x, name=args.model)
@@ -97,13 +97,19 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(path: str) -> LatencyTable:
+    from ..lut import LatencyTable
+
+    return LatencyTable.load(path)
+
+
 def run_show(args: argparse.Namespace) -> int:
-    print(render(LatencyTable.load(args.file)))
+    print(render(_load(args.file)))
     return 0
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    merged = LatencyTable.load(args.a).merge(LatencyTable.load(args.b))
+    merged = _load(args.a).merge(_load(args.b))
     merged.save(args.out)
     print(render(merged))
     print(f"\nwrote {args.out}")
@@ -184,7 +190,7 @@ def _pick(table: LatencyTable, layer: str | None) -> tuple[str, LutEntry]:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    table = LatencyTable.load(args.file)
+    table = _load(args.file)
     sig, entry = _pick(table, args.layer)
     rows: dict[int, list[tuple[int, float, float, float]]] = {}
     for (cin, cout), m in sorted(entry.points.items()):

@@ -3,74 +3,105 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
+from typing import Any
 
-from ..models import parse_shape
-from ..prune import PruneConfig, run
+from ..config import PruneConfig
+from .common import OUTPUT_FOLDER, checked, format_table, human
 
 #: the demo: torchvision resnet18 on scikit-learn's bundled digits at 64x64 (large enough that
 #: convolutions, not per-op overhead, dominate), ONNX Runtime on this CPU with one pinned thread
 #: (stable timings on a shared 2-core machine), half the dense latency
-DEMO = PruneConfig(model="resnet18", data="digits", input_shape=(1, 3, 64, 64),
-                   out=Path("engines/demo"), threads=1, target=0.5, baseline_epochs=8, epochs=6,
-                   steps=10, relax_target=True)
+DEMO: dict[str, Any] = {"model": "resnet18", "data": "digits", "input_shape": (1, 3, 64, 64),
+                        "threads": 1, "target": 0.5, "baseline_epochs": 8, "epochs": 6,
+                        "steps": 10, "relax_target": True}
+DEMO_OUT = Path("engines/demo")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model to a latency target and build its engine",
                        description=__doc__)
-    p.add_argument("--model", required=True,
-                   help="torchvision name, module:callable or saved nn.Module")
-    p.add_argument("--checkpoint", default=None,
-                   help="trained weights (state_dict); without it a baseline is trained first")
-    p.add_argument("--data", required=True, help="digits | imagefolder:PATH (train/ and val/)")
-    p.add_argument("--input", required=True, help="input shape, e.g. 1x3x224x224")
-    p.add_argument("--lut", default="auto",
-                   help="latency table, or auto: build for --backend and cache under luts/cache")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for onnxruntime")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target", type=float, default=0.5,
-                        help="latency target as a fraction of the dense model (default 0.5)")
-    target.add_argument("--target-ms", type=float, default=None, help="latency target in ms")
-    p.add_argument("--epochs", type=int, default=6, help="HALP fine-tuning epochs")
-    p.add_argument("--baseline-epochs", type=int, default=10,
-                   help="epochs to train a baseline when no --checkpoint is given")
-    p.add_argument("--steps", type=int, default=10, help="pruning steps")
-    p.add_argument("--lr", type=float, default=0.05, help="baseline learning rate")
-    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lut-max-points", type=int, default=8,
-                   help="LUT grid points per channel axis when --lut auto builds one")
-    p.add_argument("--lut-passes", type=int, default=PruneConfig.lut_passes,
-                   help="measurements per LUT point, in separately shuffled passes, when --lut "
-                        f"auto builds one (default {PruneConfig.lut_passes})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (e.g. engines/<name>)")
+    add_config_args(p)
     p.set_defaults(func=run_prune)
 
     d = sub.add_parser("demo", help="the whole pipeline on the built-in default (resnet18, "
                        "digits, ONNX Runtime CPU, 50%% latency)")
-    d.add_argument("--out", default=str(DEMO.out), help=f"output folder (default {DEMO.out})")
+    d.add_argument("--out", default=DEMO_OUT, type=OUTPUT_FOLDER,
+                   help=f"output folder (default {DEMO_OUT})")
     d.set_defaults(func=run_demo)
 
 
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per PruneConfig field, with the field's default, help, parser and check: a
+    setting is defined once, in :class:`~pipeline.config.PruneConfig`."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(PruneConfig):
+        meta = f.metadata
+        group = meta["group"]
+        if group is not None and group not in groups:
+            groups[group] = parser.add_mutually_exclusive_group()
+        target = parser if group is None else groups[group]
+        target.add_argument(f"--{(meta['flag'] or f.name).replace('_', '-')}", dest=f.name,
+                            **_argument(f))
+
+
+def _argument(f: Field) -> dict[str, Any]:
+    """argparse keywords for one field: a switch for booleans, else a checked value."""
+    meta = f.metadata
+    default = f.default
+    doc = meta["doc"].replace("%", "%%")
+    if isinstance(default, bool):
+        return {"action": "store_true", "help": doc}
+    parse = meta["parse"] or (str if default in (MISSING, None) else type(default))
+    options = {"type": checked(parse, meta["check"]), "help": doc}
+    if default is MISSING:
+        options["required"] = True
+    else:
+        options["default"] = default
+        if default is not None:
+            options["help"] = f"{doc} (default {default})"
+    if meta["choices"]:
+        options["choices"] = meta["choices"]
+    else:
+        options["metavar"] = (meta["flag"] or f.name).upper()
+    return options
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(**{f.name: getattr(args, f.name) for f in fields(PruneConfig)})
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    cfg = PruneConfig(
-        model=args.model, data=args.data, input_shape=parse_shape(args.input),
-        out=Path(args.out), lut=args.lut, checkpoint=args.checkpoint, backend=args.backend,
-        precision=args.precision, threads=args.threads,
-        target=None if args.target_ms is not None else args.target, target_ms=args.target_ms,
-        baseline_epochs=args.baseline_epochs, epochs=args.epochs, steps=args.steps, lr=args.lr,
-        finetune_lr=args.finetune_lr, batch_size=args.batch_size,
-        lut_max_points=args.lut_max_points, lut_passes=args.lut_passes, seed=args.seed,
-    )
-    run(cfg)
-    return 0
+    return _run(config_from_args(args))
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    cfg = PruneConfig(**{**DEMO.__dict__, "out": Path(args.out)})
-    run(cfg)
+    return _run(PruneConfig(**DEMO, out=Path(args.out)))
+
+
+def _run(cfg: PruneConfig) -> int:
+    """Run the pipeline and print its summary. The config passed its checks when it was made;
+    only now do torch, the data and the runtimes load."""
+    from ..prune import run
+
+    print(render(run(cfg)))
     return 0
+
+
+def render(report: dict[str, Any]) -> str:
+    """Dense vs pruned: size, predicted and measured latency, accuracy."""
+    d, p = report["dense"], report["pruned"]
+    rows = [
+        ["parameters", human(d["params"]), human(p["params"]), f"{d['params'] / p['params']:.2f}x"],
+        ["MACs", human(d["macs"]), human(p["macs"]), f"{d['macs'] / p['macs']:.2f}x"],
+        ["predicted ms", f"{d['predicted_ms']:.4g}", f"{p['predicted_ms']:.4g}",
+         f"{report['speedup_predicted']:.2f}x"],
+        ["measured ms", f"{d['measured_ms']:.4g}", f"{p['measured_ms']:.4g}",
+         f"{report['speedup_measured']:.2f}x"],
+        ["top-1 %", f"{d['top1']:.2f}", f"{p['top1']:.2f}", f"{p['top1'] - d['top1']:+.2f}"],
+    ]
+    table = format_table(["", "dense", "pruned", "ratio"], rows)
+    return (f"\n{report['model']} on {report['data']} @ {'x'.join(map(str, report['input_shape']))}"
+            f", {report['backend']} {report['precision']} ({report['device']}), target "
+            f"{report['target_ms']:.4g} ms\n{table}\nwall time {report['wall_seconds']:.0f} s")

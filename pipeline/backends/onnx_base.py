@@ -1,0 +1,70 @@
+"""What backends that deploy ONNX share: a layer is its single-layer graph, a network its export.
+
+Kept out of :mod:`pipeline.backends` itself because the layer graphs need torch and onnx, and
+the package root must stay light enough for reading a table.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import HalpError
+from ..kinds import Precision
+from ..onnx_layers import layer_inputs, packed_model
+from ..spec import LayerSpec
+from .timing import Measurement, TimingSettings
+
+
+def onnx_bytes(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bytes:
+    """Serialized ONNX from a proto, bytes or a file path (a missing file is a clear error)."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    path = Path(model)
+    if not path.is_file():
+        raise HalpError(f"ONNX model {str(path)!r} does not exist; export one with "
+                        "pipeline.export.to_onnx or check the path")
+    return path.read_bytes()
+
+
+class OnnxBackend(ABC):
+    """A :class:`~pipeline.backends.capabilities.LayerTimer` and
+    :class:`~pipeline.backends.capabilities.NetworkTimer` on top of the subclass's
+    ``time_onnx`` (an :class:`~pipeline.backends.capabilities.OnnxTimer`)."""
+
+    name: str
+    precision: Precision
+    settings: TimingSettings
+    #: which outputs a packed layer graph keeps (:func:`~pipeline.onnx_layers.packed_model`)
+    packed_outputs = "one"
+
+    @abstractmethod
+    def time_onnx(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
+                  inputs: dict[str, np.ndarray]) -> Measurement:
+        """Time one inference of ``model`` on ``inputs`` (name -> array)."""
+
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
+        graph = packed_model(layer, cin, cout, copies, outputs=self.packed_outputs)
+        return self.time_onnx(graph, layer_inputs(layer, cin, cout)).per_copy(copies)
+
+    def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
+        return self.module_timer(model, example_input)()
+
+    def module_timer(self, model: nn.Module,
+                     example_input: torch.Tensor) -> Callable[[], Measurement]:
+        """Export once; each call times the exported network again."""
+        from ..export import to_onnx  # export pulls in torch.onnx: only when a network is timed
+
+        proto = to_onnx(model, example_input, check=False)
+        inputs = {proto.graph.input[0].name: example_input.cpu().numpy()}
+        return lambda: self.time_onnx(proto, inputs)

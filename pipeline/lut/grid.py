@@ -1,0 +1,102 @@
+"""What a latency table measures: which (cin, cout) points per layer signature, and how.
+
+Entries are keyed by :attr:`LayerSpec.signature` (everything but the channel counts), so layers
+of the same geometry share one. Each holds measured points ``(cin, cout) -> Measurement`` on a
+grid of multiples of ``step`` over the layer's prunable sides: the channel counts the pruner can
+reach. Every point is timed under the packed protocol (:data:`PROTOCOL`), as the layer costs
+inside the network rather than alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..kinds import OpKind
+from ..spec import SPEC_FORMAT, LayerSpec, NetworkSpec
+
+if TYPE_CHECKING:
+    from ..backends import Measurement
+
+#: how entries are measured, recorded in every table and journal header: each point is
+#: ``copies_for(layer, cin, cout, working_set)`` copies of the layer with their own weights
+#: in one graph, so the weights stream through the caches as they do in the network
+PROTOCOL = "packed-network-working-set"
+
+Point = tuple[int, int]
+
+
+@dataclass
+class LutEntry:
+    """One layer signature: an example layer (its geometry), the layers using it, its points."""
+
+    layer_example: dict[str, Any]
+    layers: list[str] = field(default_factory=list)
+    points: dict[Point, Measurement] = field(default_factory=dict)
+
+    @property
+    def diagonal(self) -> bool:
+        """Depthwise: cin == cout, so the points lie on a line."""
+        return self.layer_example.get("op") == OpKind.DWCONV
+
+
+def _axis(full: int, fixed: int, step: int, max_points: int | None) -> list[int]:
+    """Channel counts for one prunable side: ``fixed + k·step`` below ``full``, and ``full``.
+
+    ``fixed`` is the part of a concatenated input no prunable group owns; for a plain layer it
+    is 0 and the grid is the multiples of ``step``. ``max_points`` thins the axis evenly,
+    keeping the smallest and the full count.
+    """
+    values = [*range(fixed + step, full, step), full]
+    if max_points is not None and len(values) > max_points:
+        keep = np.unique(np.round(np.linspace(0, len(values) - 1, max_points)).astype(int))
+        values = [values[i] for i in keep]
+    return values
+
+
+def layer_points(layer: LayerSpec, step: int, max_points: int | None = None) -> set[Point]:
+    """The (cin, cout) points a table needs for ``layer``: a grid over its prunable sides."""
+    cin_full, cout_full = layer.dims()
+    couts = _axis(cout_full, 0, step, max_points) if layer.out_group is not None else [cout_full]
+    if layer.op == OpKind.DWCONV:
+        return {(c, c) for c in couts}
+    sources = layer.in_sources or [(layer.in_group, layer.cin)]
+    expand = layer.in_expand if layer.in_sources else 1
+    prunable = sum(n for g, n in sources if g is not None)
+    fixed = sum(n for g, n in sources if g is None)
+    cins = [expand * c for c in _axis(fixed + prunable, fixed, step, max_points)] if prunable \
+        else [cin_full]
+    return {(ci, co) for ci in cins for co in couts}
+
+
+def plan(spec: NetworkSpec, step: int = 8, max_points: int | None = None) -> dict[str, LutEntry]:
+    """Empty entries per signature of ``spec`` holding the union of its layers' needed points
+    (as keys of ``points``, values unset)."""
+    entries: dict[str, LutEntry] = {}
+    for layer in spec.layers:
+        entry = entries.setdefault(layer.signature, LutEntry(layer_example=_geometry(layer)))
+        entry.layers.append(layer.name)
+        entry.points.update(dict.fromkeys(layer_points(layer, step, max_points)))
+    return entries
+
+
+def working_set(spec: NetworkSpec) -> int:
+    """Parameters of the network's conv/linear layers: the weights that stream through the
+    caches between two runs of any one layer (the packed protocol's target, :data:`PROTOCOL`)."""
+    return int(sum(layer.params for layer in spec.layers))
+
+
+def _geometry(layer: LayerSpec) -> dict[str, Any]:
+    """The example layer as stored: everything ``time_layer`` needs to rebuild it."""
+    return json.loads(json.dumps(asdict(layer)))
+
+
+def layer_from_geometry(data: Mapping[str, Any]) -> LayerSpec:
+    """The stored example back as a LayerSpec, read by the network spec's own JSON reader."""
+    wrapper = {"format": SPEC_FORMAT, "input_shape": [], "layers": [data], "groups": [],
+               "total_params": 0, "total_macs": 0}
+    return NetworkSpec.from_dict(wrapper).layers[0]

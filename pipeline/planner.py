@@ -1,0 +1,277 @@
+"""Planner: which channels HALP keeps, decided from a network spec and a latency table alone.
+
+Every pruning decision lives here, apart from the model: the pruning units, the exponential
+budget schedule, the exact latency-saliency knapsack, tightening against the true (cin, cout)
+prediction, the greedy fallback, and the feasible minimum. Plain data in and out (a
+:class:`NetworkSpec`, a :class:`LatencyTable`, per-channel scores as arrays), no torch: the
+pruner, `halp verify` and tests share one implementation and can use it without a model.
+
+Formulation (DESIGN.md, "Knapsack"): channels of group g are ranked best first; keeping
+``c`` of them is worth the saliency of the best ``c`` and costs the layers producing g at
+(today's input count, c). One step picks one count per group; the result is re-predicted with
+every layer's true (cin, cout) and the budget tightened until the prediction fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import HalpError, InfeasibleBudget
+from .knapsack import solve as solve_knapsack
+from .spec import NetworkSpec
+
+if TYPE_CHECKING:  # only its methods are called: keeps this module free of torch
+    from .lut import LatencyTable
+
+#: channels per pruning unit when the LUT does not name its grid step: TensorRT kernels and CPU
+#: SIMD process channels in blocks of 8 or 16 (FP16/INT8 tensor cores need multiples of 8), so
+#: counts between blocks pay for the padding without the accuracy. By default the unit is the
+#: LUT's step (the backend's channel block); override per group with ``unit=``
+DEFAULT_UNIT = 8
+#: re-solves with a tightened budget before the greedy fallback takes over
+MAX_TIGHTEN = 12
+
+Scores = Mapping[int, Sequence[float] | np.ndarray]
+Kept = Mapping[int, Sequence[int] | np.ndarray]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An architecture the planner chose.
+
+    ``counts`` and ``keep`` (sorted channel indices) per sizable group; ``predicted_ms`` is the
+    whole network with every layer at its true (cin, cout); ``value`` the saliency kept.
+    ``method`` says how the last step got within budget: ``"exact"`` (the first knapsack
+    solution fitted), ``"tightened"`` (after re-solving under a lower budget), ``"greedy"``
+    (the fallback) or ``"unchanged"`` (nothing smaller fits: only a table pricing smaller layers
+    higher gets there).
+    """
+
+    counts: dict[int, int]
+    keep: dict[int, np.ndarray]
+    predicted_ms: float
+    value: float
+    method: str
+
+
+class Planner:
+    """HALP's decisions for ``spec`` priced by ``lut``.
+
+    ``unit`` is channels per pruning unit: an int, or {group id: int} over the default (the
+    table's grid step, else 8). Only groups every member layer holds whole are sized
+    (:meth:`NetworkSpec.sizable_groups`); :attr:`unsized` names the others, left dense.
+    """
+
+    def __init__(self, spec: NetworkSpec, lut: LatencyTable,
+                 unit: int | Mapping[int, int] | None = None):
+        lut.check_spec(spec)
+        self.spec, self.lut = spec, lut
+        self.groups: list[int] = spec.sizable_groups()
+        if not self.groups:
+            raise HalpError("the network has no channel groups HALP can size (all reach the "
+                            "output, are grouped convolutions, are ignored, or are only partly "
+                            "held by a concatenation/split); see `halp analyze`")
+        self.units = _units(unit, spec, self.groups,
+                            default=int(lut.meta.get("step") or DEFAULT_UNIT))
+        self._choices = {g: _choices(spec.group(g).channels, u) for g, u in self.units.items()}
+        self._charged = {g: [la for la in spec.layers if la.out_group == g] for g in self.groups}
+        self._touching = {g: [la for la in spec.layers if la.out_group == g
+                              or any(s == g for s, _ in la.in_sources)] for g in self.groups}
+        #: prediction of the dense network
+        self.dense_ms = self.predict()
+        smallest = self.predict({g: int(c[1]) for g, c in self._choices.items()})
+        #: the smallest feasible target: every group at one unit (noisy LUTs may price that
+        #: above the dense network, which then is the minimum)
+        self.minimum_ms = min(smallest, self.dense_ms)
+
+    @property
+    def choices(self) -> dict[int, np.ndarray]:
+        """Channel counts each group may keep; index k = units kept (index 0 is 0 channels)."""
+        return {g: c.copy() for g, c in self._choices.items()}
+
+    @property
+    def unsized(self) -> dict[int, list[str]]:
+        """Prunable groups left dense, with the layers holding only part of their channels
+        (``LayerSpec.dims`` cannot price pruning them)."""
+        return {g.id: partial for g in self.spec.prunable_groups
+                if (partial := self.spec.partial_layers(g.id))}
+
+    def predict(self, counts: Mapping[int, int] | None = None) -> float:
+        """Whole-network ms with every layer at its true (cin, cout) under ``counts``."""
+        return self.lut.predict(self.spec, counts)
+
+    def check_target(self, target_ms: float) -> float:
+        """``target_ms`` as a float, or InfeasibleBudget naming :attr:`minimum_ms`."""
+        if not target_ms >= self.minimum_ms:
+            minimum, dense = self.minimum_ms, self.dense_ms
+            raise InfeasibleBudget(
+                f"target {target_ms:.4g} ms is below the fastest network this LUT predicts, "
+                f"{minimum:.4g} ms ({minimum / dense:.3f} of the dense {dense:.4g} ms, every "
+                "prunable group at one unit): raise the target to at least that, or make more "
+                "layers prunable",
+                minimum,
+            )
+        return float(target_ms)
+
+    def schedule(self, target_ms: float, steps: int, *,
+                 start_ms: float | None = None) -> list[float]:
+        """The paper's exponential budgets ``B_s = L0 · (Lt / L0) ** (s / steps)``, s = 1..steps,
+        from ``start_ms`` (default: the dense prediction) to the target, which ends it exactly."""
+        positive_int("steps", steps)
+        start = self.dense_ms if start_ms is None else start_ms
+        return [start * (target_ms / start) ** (s / steps) for s in range(1, steps)] + \
+            [float(target_ms)]
+
+    def solve(self, saliency: Scores, budget_ms: float, *, keep: Kept | None = None,
+              steps: int = 1) -> Plan:
+        """The architecture ``steps`` knapsack steps on the schedule reach, from ``keep``
+        (kept channel indices per group; default: all) down to ``budget_ms``.
+
+        Channels never re-grow: counts stay at most ``len(keep[g])`` and channels outside
+        ``keep`` rank last. One big step prices every layer at today's input counts and so
+        over-prunes; several small steps track the real network, as the pruner's schedule does.
+        """
+        self.check_target(budget_ms)
+        kept = {g: np.asarray(keep[g], dtype=np.int64) if keep is not None and g in keep
+                else np.arange(self.spec.group(g).channels) for g in self.groups}
+        order, gains = self._ranked(saliency, kept)
+        counts = {g: len(k) for g, k in kept.items()}
+        method = "exact"
+        for budget in self.schedule(budget_ms, steps, start_ms=self.predict(counts)):
+            counts, method = self._step(budget, gains, counts)
+        return Plan(counts=counts, keep={g: np.sort(order[g][:c]) for g, c in counts.items()},
+                    predicted_ms=self.predict(counts),
+                    value=math.fsum(float(gains[g][c]) for g, c in counts.items()),
+                    method=method)
+
+    def _ranked(self, saliency: Scores, kept: Mapping[int, np.ndarray]
+                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Per group: channel order (best first) and gains[c] = saliency of the best c."""
+        order, gains = {}, {}
+        for g in self.groups:
+            channels = self.spec.group(g).channels
+            scores = np.asarray(saliency[g], dtype=np.float64) if g in saliency else None
+            if scores is None or scores.shape != (channels,):
+                got = "none" if scores is None else f"shape {scores.shape}"
+                raise HalpError(f"saliency for group {g}: {got}; give one score per channel "
+                                f"({channels}) for every group in planner.groups")
+            if not np.all(np.isfinite(scores) & (scores >= 0)):
+                raise HalpError(f"saliency for group {g} must be finite and >= 0")
+            order[g] = _rank(scores, kept[g])
+            gains[g] = np.concatenate(([0.0], np.cumsum(scores[order[g]])))
+        return order, gains
+
+    def _step(self, budget: float, gains: Mapping[int, np.ndarray],
+              current: Mapping[int, int]) -> tuple[dict[int, int], str]:
+        """Counts within ``budget`` by true prediction, maximising kept saliency, never above
+        ``current``; and the method that found them (:class:`Plan`)."""
+        allowed = {g: np.union1d(c[c <= current[g]], [current[g]])
+                   for g, c in self._choices.items()}
+        values = [gains[g][allowed[g]] for g in self.groups]
+        costs = [self._costs(g, allowed[g], current) for g in self.groups]
+        # everything not charged to a group (its layers at today's counts, the constant)
+        room = budget - (self.predict(current) - math.fsum(c[-1] for c in costs))
+        best = dict(current)
+        for attempt in range(MAX_TIGHTEN):
+            try:
+                keep = solve_knapsack(values, costs, room).keep
+            except InfeasibleBudget:
+                break
+            counts = {g: int(allowed[g][k]) for g, k in zip(self.groups, keep, strict=True)}
+            predicted = self.predict(counts)
+            if predicted <= budget:
+                return counts, "tightened" if attempt else "exact"
+            best = counts
+            room -= predicted - budget
+        counts = self._greedy(best, budget, gains)
+        if self.predict(counts) <= budget:
+            return counts, "greedy"
+        return dict(current), "unchanged"
+
+    def _costs(self, g: int, allowed: np.ndarray, current: Mapping[int, int]) -> np.ndarray:
+        """Latency of the layers producing group g's channels at each allowed count, with
+        their inputs at today's counts (depthwise layers: input = output)."""
+        costs = np.zeros(len(allowed))
+        for i, cout in enumerate(allowed[1:].tolist(), start=1):
+            costs[i] = math.fsum(self.lut.latency(la, cout if la.op == "dwconv"
+                                                  else la.dims(current)[0], cout)
+                                 for la in self._charged[g])
+        return costs
+
+    def _greedy(self, counts: dict[int, int], budget: float,
+                gains: Mapping[int, np.ndarray]) -> dict[int, int]:
+        """Drop the unit losing the least saliency per ms saved until the prediction fits.
+
+        The fallback when re-solving does not converge; budgets are at least
+        :attr:`minimum_ms` (every group at one unit), so it ends within budget unless the LUT
+        prices smaller layers higher.
+        """
+        counts = dict(counts)
+        while self.predict(counts) > budget:
+            best: tuple[float, float, int, int] | None = None
+            for g in self.groups:
+                smaller = self._choices[g][self._choices[g] < counts[g]]
+                if len(smaller) <= 1:  # only 0 is below: the group is at one unit
+                    continue
+                trial = {**counts, g: int(smaller[-1])}
+                saved = math.fsum(self.lut.latency(la, *la.dims(counts))
+                                  - self.lut.latency(la, *la.dims(trial))
+                                  for la in self._touching[g])
+                lost = float(gains[g][counts[g]] - gains[g][trial[g]])
+                ratio = lost / saved if saved > 0 else math.inf
+                if best is None or (ratio, lost, g) < best[:3]:
+                    best = (ratio, lost, g, trial[g])
+            if best is None:
+                break
+            counts[best[2]] = best[3]
+        return counts
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` when it is a positive int (a bool is not), else HalpError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HalpError(f"{name}={value!r} must be a positive int")
+    return value
+
+
+def _units(unit: int | Mapping[int, int] | None, spec: NetworkSpec, groups: list[int], *,
+           default: int) -> dict[int, int]:
+    """Channels per unit for each sizable group, clipped to the group size."""
+    per = dict(unit) if isinstance(unit, Mapping) else {}
+    default = default if unit is None or isinstance(unit, Mapping) else unit
+    unknown = sorted(set(per) - set(groups))
+    if unknown:
+        raise HalpError(f"unit= names groups {unknown} that are not prunable; prunable groups "
+                        f"are {groups} (see `halp analyze`)")
+    out = {}
+    for g in groups:
+        u = per.get(g, default)
+        if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1:
+            raise HalpError(f"unit for group {g} must be a positive int of channels, got {u!r}")
+        out[g] = min(int(u), spec.group(g).channels)
+    return out
+
+
+def _choices(channels: int, unit: int) -> np.ndarray:
+    """Channel counts a group may keep, index k = units kept: 0, u, 2u, ..., and the full size
+    (a partial last unit only when ``channels`` is not a multiple of ``unit``)."""
+    counts = list(range(0, channels + 1, unit))
+    if counts[-1] != channels:
+        counts.append(channels)
+    return np.array(counts, dtype=np.int64)
+
+
+def _rank(saliency: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Channel indices best first: kept before masked, then by saliency, then by index.
+
+    Masked channels come last so a group never re-grows; the index tie-break makes every
+    rank of a distributed run order equal saliencies identically.
+    """
+    masked = np.ones(len(saliency), dtype=np.int8)
+    masked[kept] = 0
+    return np.lexsort((np.arange(len(saliency)), -saliency, masked))
