@@ -8,6 +8,7 @@ thing as in the latency table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,18 @@ def _builder(backend: Backend) -> EngineBuilder:
     return backend
 
 
-def measure(engine: Engine, backend: Backend, seed: int = 0) -> Measurement:
-    """Time ``engine`` with the backend's timing protocol on random inputs of its shape."""
+def timer(engine: Engine, backend: Backend, seed: int = 0) -> Callable[[], Measurement]:
+    """Load ``engine`` once; each call times it with the backend's timing protocol on random
+    inputs of its shape (to interleave several engines, see
+    :func:`~pipeline.backends.timing.interleaved`)."""
     if engine.backend != backend.name:
         raise HalpError(f"{engine.path} is a {engine.backend} engine; measure it with that backend")
-    return _builder(backend).time_engine(engine.path, random_inputs(engine.inputs, seed))
+    return _builder(backend).engine_timer(engine.path, random_inputs(engine.inputs, seed))
+
+
+def measure(engine: Engine, backend: Backend, seed: int = 0) -> Measurement:
+    """Time ``engine`` once with the backend's timing protocol."""
+    return timer(engine, backend, seed)()
 
 
 def channel_counts(model: onnx.ModelProto) -> dict[str, int]:

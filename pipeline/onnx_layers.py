@@ -85,18 +85,24 @@ def _weight_shape(layer: LayerSpec, cin: int, cout: int, groups: int) -> tuple[i
 def layer_weights(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random weights (and bias when ``layer.bias``) in torch layout.
 
-    Scaled by 1/sqrt(fan-in) so a unit-variance input gives outputs of order one: values stay
-    finite in fp16 and comparisons against torch stay meaningful.
+    Unit variance scaled by 1/sqrt(fan-in), so a unit-variance input gives outputs of order
+    one: values stay finite in fp16 and comparisons against torch stay meaningful. Uniform, not
+    normal: drawing them is a third of a table point's preparation, and uniform draws are three
+    times faster.
     """
     groups = _check(layer, cin, cout)
     shape = _weight_shape(layer, cin, cout, groups)
     rng = np.random.default_rng(seed)
     fan_in = cin // groups * math.prod(layer.kernel)  # kernel is () for linear
-    scale = 1.0 / math.sqrt(fan_in)
-    out = {"weight": rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)}
+    out = {"weight": _uniform(rng, shape, 1.0 / math.sqrt(fan_in))}
     if layer.bias:
-        out["bias"] = rng.standard_normal(cout, dtype=np.float32) * np.float32(0.1)
+        out["bias"] = _uniform(rng, (cout,), 0.1)
     return out
+
+
+def _uniform(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """float32 draws of mean 0 and standard deviation ``std``."""
+    return (rng.random(shape, dtype=np.float32) - np.float32(0.5)) * np.float32(std * 12 ** 0.5)
 
 
 def _input_shape(layer: LayerSpec, cin: int) -> tuple[int, ...]:

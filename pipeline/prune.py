@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,10 @@ from .backends.device import slug
 from .backends.timing import interleaved
 from .config import PruneConfig
 from .data import load_data
-from .errors import HalpError, InfeasibleBudget
+from .errors import HalpError, InfeasibleBudget, LutMismatch
 from .export import to_onnx
 from .fsio import atomic_write_json
-from .lut import LatencyTable, build_lut
+from .lut import LatencyTable, build_lut, journal_path
 from .models import load_checkpoint, load_model
 from .plotting import save_png, subplots
 from .pruner import HalpPruner
@@ -200,8 +201,16 @@ def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module
                                   f"{desc.precision}-{desc.device_key}-s{step}"
                                   f"-p{cfg.lut_max_points or 'all'}-x{cfg.lut_passes}.json")
     log(f"LUT cache: {path}" + (" (reused)" if path.is_file() else " (building)"))
-    return build_lut(spec, backend, step=step, max_points=cfg.lut_max_points, out=path,
-                     model=model, example_input=x, passes=cfg.lut_passes)
+    build = partial(build_lut, spec, backend, step=step, max_points=cfg.lut_max_points,
+                    out=path, model=model, example_input=x, passes=cfg.lut_passes)
+    try:
+        return build()
+    except LutMismatch as exc:  # a cached table or journal measured another way (an older
+        # version's protocol): a cache entry is rebuilt, never an error
+        log(f"{exc}\nLUT cache: measured another way; rebuilding {path}")
+        path.unlink(missing_ok=True)
+        journal_path(path).unlink(missing_ok=True)
+        return build()
 
 
 def _prune_interval(cfg: PruneConfig, batches: int) -> int:
@@ -250,8 +259,7 @@ def _export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: 
 def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
                   backend: Backend) -> tuple[Measurement, Measurement]:
     """Alternate dense and pruned rounds so drift (clocks, other load) hits both alike."""
-    pair = interleaved([lambda: engine.measure(dense, backend),
-                        lambda: engine.measure(pruned, backend)])
+    pair = interleaved([engine.timer(dense, backend), engine.timer(pruned, backend)])
     return pair[0], pair[1]
 
 

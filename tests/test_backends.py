@@ -329,7 +329,7 @@ def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str,
     assert_sane(backend.time_layer(conv, 8, 16), 5)
     plan = backend.build_engine(layer_model(conv, 8, 4), tmp_path, "layer")
     assert plan == tmp_path / "layer.plan" and plan.stat().st_size > 0
-    assert_sane(backend.time_engine(plan, {"x": layer_input(conv, 8)}), 5)
+    assert_sane(backend.engine_timer(plan, {"x": layer_input(conv, 8)})(), 5)
     info = backend.describe()
     assert info.kind == "cuda" and re.search(r"-sm\d+$", info.device_key)
     assert "tensorrt" in info.versions and info.threads is None

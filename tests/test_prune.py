@@ -90,6 +90,21 @@ def test_rerun_with_another_target_fine_tunes_afresh(smoke: tuple[PruneConfig, d
     assert other["pruned"]["predicted_ms"] <= other["target_ms"] * (1 + 1e-9)
 
 
+def test_cached_table_measured_another_way_is_rebuilt(smoke: tuple[PruneConfig, dict]) -> None:
+    """A cache entry from another protocol (an older version of the tool) is rebuilt, where an
+    explicit `halp lut build --out` of the same file would refuse to overwrite it."""
+    cfg, _ = smoke
+    (cached,) = Path(cfg.lut_cache).glob("*.json")
+    data = json.loads(cached.read_text())
+    data["meta"]["protocol"]["point_repeats_per_pass"] += 1
+    cached.write_text(json.dumps(data))
+    lines: list[str] = []
+    report = run(cfg, log=lines.append)
+    assert any("rebuilding" in line for line in lines)
+    assert json.loads(cached.read_text())["meta"]["protocol"] != data["meta"]["protocol"]
+    assert report["pruned"]["predicted_ms"] <= report["target_ms"] * (1 + 1e-9)
+
+
 def test_bad_arguments_fail_clearly(tmp_path: Path, capsys) -> None:
     args = ["prune", "--model", "resnet18", "--data", "digits", "--input", "1x3x32x32",
             "--out", str(tmp_path / "o"), "--lut", str(tmp_path / "missing.json")]

@@ -64,11 +64,12 @@ class BackendInfo:
 class LayerTimer(Protocol):
     """Times one layer as it costs inside a network: what a LUT entry is."""
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
-                   copies: int = 1) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
+                   settings: TimingSettings | None = None) -> Measurement:
         """The layer at (cin, cout) as it costs inside a network: ``copies`` instances with
         their own weights run back to back (:func:`~pipeline.onnx_layers.copies_for`), and
-        the measurement is one instance's share."""
+        the measurement is one instance's share. ``settings``: this measurement's samples
+        (default: the backend's), e.g. one pass's share of a table point's."""
         ...
 
 
@@ -108,6 +109,13 @@ class OnnxTimer(Protocol):
         """Time one inference of ``model`` on ``inputs`` (name -> array)."""
         ...
 
+    def onnx_timer(self, model: onnx.ModelProto | bytes | str | PathLike[str],
+                   inputs: dict[str, np.ndarray],
+                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        """Prepare ``model`` once (a session, an engine build: seconds on a Jetson); each call
+        of the result is one more measurement, for interleaved rounds."""
+        ...
+
 
 @runtime_checkable
 class EngineBuilder(Protocol):
@@ -120,6 +128,8 @@ class EngineBuilder(Protocol):
         says which runtime loads it) and return that path."""
         ...
 
-    def time_engine(self, path: Path, inputs: dict[str, np.ndarray]) -> Measurement:
-        """Time the engine file at ``path`` (one :meth:`build_engine` wrote) on ``inputs``."""
+    def engine_timer(self, path: Path,
+                     inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
+        """Load the engine file at ``path`` (one :meth:`build_engine` wrote) once; each call of
+        the result times it on ``inputs`` again."""
         ...

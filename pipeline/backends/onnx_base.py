@@ -39,7 +39,7 @@ def onnx_bytes(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bytes
 class OnnxBackend(ABC):
     """A :class:`~pipeline.backends.capabilities.LayerTimer` and
     :class:`~pipeline.backends.capabilities.NetworkTimer` on top of the subclass's
-    ``time_onnx`` (an :class:`~pipeline.backends.capabilities.OnnxTimer`)."""
+    ``onnx_timer`` (an :class:`~pipeline.backends.capabilities.OnnxTimer`)."""
 
     name: str
     precision: Precision
@@ -48,23 +48,30 @@ class OnnxBackend(ABC):
     packed_outputs = "one"
 
     @abstractmethod
+    def onnx_timer(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
+                   inputs: dict[str, np.ndarray],
+                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        """Prepare ``model`` once; each call of the result times one inference on ``inputs``
+        (name -> array) again, with ``settings`` (default: the backend's)."""
+
     def time_onnx(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
                   inputs: dict[str, np.ndarray]) -> Measurement:
-        """Time one inference of ``model`` on ``inputs`` (name -> array)."""
+        return self.onnx_timer(model, inputs)()
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
-                   copies: int = 1) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
+                   settings: TimingSettings | None = None) -> Measurement:
         graph = packed_model(layer, cin, cout, copies, outputs=self.packed_outputs)
-        return self.time_onnx(graph, layer_inputs(layer, cin, cout)).per_copy(copies)
+        timer = self.onnx_timer(graph, layer_inputs(layer, cin, cout), settings)
+        return timer().per_copy(copies)
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         return self.module_timer(model, example_input)()
 
     def module_timer(self, model: nn.Module,
                      example_input: torch.Tensor) -> Callable[[], Measurement]:
-        """Export once; each call times the exported network again."""
+        """Export and prepare once; each call times the prepared network again."""
         from ..export import to_onnx  # export pulls in torch.onnx: only when a network is timed
 
         proto = to_onnx(model, example_input, check=False)
         inputs = {proto.graph.input[0].name: example_input.cpu().numpy()}
-        return lambda: self.time_onnx(proto, inputs)
+        return self.onnx_timer(proto, inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,15 @@ class OnnxRuntimeBackend(OnnxBackend):
             binding.bind_ortvalue_output(out.name, value)
         return binding
 
-    def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
-                  inputs: dict[str, np.ndarray]) -> Measurement:
+    def onnx_timer(self, model: onnx.ModelProto | bytes | str | Path,
+                   inputs: dict[str, np.ndarray],
+                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        """One session and binding, kept for every call (creating a session costs more than a
+        measurement of a small network)."""
         sess = self._session(onnx_bytes(model))
         binding = self._binding(sess, inputs)
-        return measure(host_timer(lambda: sess.run_with_iobinding(binding)), self.settings)
+        run = host_timer(lambda: sess.run_with_iobinding(binding))
+        return lambda: measure(run, settings or self.settings)
 
     def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
         """The model after ONNX Runtime's full graph optimisation (fusions, constant folding),
@@ -112,8 +117,9 @@ class OnnxRuntimeBackend(OnnxBackend):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def time_engine(self, path: Path, inputs: dict[str, np.ndarray]) -> Measurement:
-        return self.time_onnx(path, inputs)
+    def engine_timer(self, path: Path,
+                     inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
+        return self.onnx_timer(path, inputs)
 
     def describe(self) -> BackendInfo:
         if self.device == DeviceKind.CPU:

@@ -12,6 +12,7 @@ the package works without them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -120,19 +121,25 @@ class TensorRTBackend(OnnxBackend):
                             ) from exc
         return bytes(plan)
 
-    def _time_plan(self, plan: bytes, inputs: dict[str, np.ndarray]) -> Measurement:
+    def _plan_timer(self, plan: bytes, inputs: dict[str, np.ndarray],
+                    settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        """Deserialize once and bind once; each call measures the same context again."""
         engine = self.loaders.engine_from_bytes(plan)
-        return measure(_Bindings(engine, inputs).timer(), self.settings)
+        time_batch = _Bindings(engine, inputs).timer()
+        return lambda: measure(time_batch, settings or self.settings)
 
     def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
         return atomic_write_bytes(Path(out_dir) / f"{name}.plan", self._plan(model))
 
-    def time_engine(self, path: Path, inputs: dict[str, np.ndarray]) -> Measurement:
-        return self._time_plan(Path(path).read_bytes(), inputs)
+    def engine_timer(self, path: Path,
+                     inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
+        return self._plan_timer(Path(path).read_bytes(), inputs)
 
-    def time_onnx(self, model: onnx.ModelProto | bytes | str | Path,
-                  inputs: dict[str, np.ndarray]) -> Measurement:
-        return self._time_plan(self._plan(model), inputs)
+    def onnx_timer(self, model: onnx.ModelProto | bytes | str | Path,
+                   inputs: dict[str, np.ndarray],
+                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        """One engine build (seconds on a Jetson) for every call of the result."""
+        return self._plan_timer(self._plan(model), inputs, settings)
 
     def describe(self) -> BackendInfo:
         device = self.cuda.Device(0)
