@@ -14,12 +14,13 @@ import math
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from torch import nn
 
 from . import context_ops, layer_context
 from .errors import UnsupportedLayer
 from .kinds import OpKind
+from .onnx_weights import DetachedModel, initializer
 from .spec import LayerSpec
 
 ACTIVATIONS = tuple(layer_context.TORCH_ACTIVATIONS)
@@ -230,7 +231,7 @@ def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
 
 def _model(layer: LayerSpec, cin: int, cout: int, nodes: list[onnx.NodeProto],
            inits: dict[str, np.ndarray], outputs: list[tuple[str, tuple[int, ...]]],
-           opset: int) -> onnx.ModelProto:
+           opset: int, *, detach: bool = False) -> onnx.ModelProto:
     inputs = {"x": _input_shape(layer, cin), **_context_inputs(layer, cout)}
     graph = helper.make_graph(
         nodes,
@@ -239,7 +240,7 @@ def _model(layer: LayerSpec, cin: int, cout: int, nodes: list[onnx.NodeProto],
          for name, shape in inputs.items()],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
          for name, shape in outputs],
-        initializer=[numpy_helper.from_array(v, name=k) for k, v in inits.items()],
+        initializer=[initializer(k, v, detach=detach) for k, v in inits.items()],
     )
     opsets = [helper.make_opsetid("", opset)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="halp-pipeline",
@@ -290,6 +291,13 @@ def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
 
 def packed_model(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,
                  outputs: str = "one", opset: int = 17) -> onnx.ModelProto:
+    """:func:`packed_graph` as one self-contained model."""
+    return packed_graph(layer, cin, cout, copies, seed=seed, outputs=outputs,
+                        opset=opset).embedded()
+
+
+def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,
+                 outputs: str = "one", opset: int = 17) -> DetachedModel:
     """``copies`` instances of the layer at (cin, cout) in one graph, each with its own
     weights, all reading the one input ``x``: one run of it, divided by ``copies``, is what the
     layer costs inside a network (:func:`copies_for`).
@@ -316,7 +324,10 @@ def packed_model(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
         nodes += more
         inits |= own
     kept = names if outputs == "all" else names[:1]
-    return _model(layer, cin, cout, nodes, inits, [(n, shape) for n in kept], opset)
+    model = _model(layer, cin, cout, nodes, inits, [(n, shape) for n in kept], opset,
+                   detach=True)
+    return DetachedModel(model, {t.name: inits[t.name] for t in model.graph.initializer
+                                 if t.data_location == TensorProto.EXTERNAL})
 
 
 def _torch_core(layer: LayerSpec, cin: int, cout: int, groups: int) -> nn.Module:

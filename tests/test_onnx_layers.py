@@ -9,8 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto
 from torch import nn
 
+from pipeline.backends import get_backend
 from pipeline.errors import UnsupportedLayer
 from pipeline.onnx_layers import (
     ACTIVATIONS,
@@ -20,6 +22,7 @@ from pipeline.onnx_layers import (
     layer_model,
     layer_params,
     layer_weights,
+    packed_graph,
     packed_model,
     torch_layer,
 )
@@ -123,6 +126,21 @@ def test_packed_copies_own_their_weights_and_compute_the_layer() -> None:
     assert [o.name for o in every.graph.output] == ["y", "y_1", "y_2"]
     with pytest.raises(ValueError, match="copies must be >= 1"):
         packed_model(layer, 8, 16, 0)
+
+
+def test_detached_weights_run_from_memory_like_the_embedded_model() -> None:
+    """The table's fast path: ONNX Runtime takes a packed graph's weights from memory instead of
+    from the protobuf, and computes what the self-contained model computes."""
+    layer = spec_of("conv2d")
+    graph = packed_graph(layer, 32, 64, 4)
+    detached = [t for t in graph.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert len(detached) == 4 and set(graph.weights) == {t.name for t in detached}
+    assert graph.model.ByteSize() < 10_000  # no weight bytes inside
+    x = layer_input(layer, 32)
+    backend = get_backend("onnxruntime", threads=1)
+    sess = backend._session(graph.model.SerializeToString(), graph.weights)
+    np.testing.assert_array_equal(sess.run(["y"], {"x": x})[0],
+                                  ort_run(packed_model(layer, 32, 64, 4), x))
 
 
 def test_copies_stream_the_network_working_set_within_limits() -> None:

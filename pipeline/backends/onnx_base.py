@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import HalpError
 from ..kinds import Precision
-from ..onnx_layers import layer_inputs, packed_model
+from ..onnx_layers import layer_inputs, packed_graph
+from ..onnx_weights import DetachedModel
 from ..spec import LayerSpec
 from .timing import Measurement, TimingSettings
 
@@ -60,9 +61,15 @@ class OnnxBackend(ABC):
 
     def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
                    settings: TimingSettings | None = None) -> Measurement:
-        graph = packed_model(layer, cin, cout, copies, outputs=self.packed_outputs)
-        timer = self.onnx_timer(graph, layer_inputs(layer, cin, cout), settings)
+        graph = packed_graph(layer, cin, cout, copies, outputs=self.packed_outputs)
+        timer = self.detached_timer(graph, layer_inputs(layer, cin, cout), settings)
         return timer().per_copy(copies)
+
+    def detached_timer(self, graph: DetachedModel, inputs: dict[str, np.ndarray],
+                       settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        """:meth:`onnx_timer` for a graph whose weights travel beside it; runtimes that can
+        take them from memory override this and skip the protobuf round trip."""
+        return self.onnx_timer(graph.embedded(), inputs, settings)
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         return self.module_timer(model, example_input)()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import onnxruntime as ort
 from ..errors import BackendUnavailable, HalpError
 from ..fsio import atomic_write_bytes
 from ..kinds import DeviceKind, Precision
+from ..onnx_weights import DetachedModel
 from .capabilities import BackendInfo
 from .device import channel_step, cpu_key, cpu_name, cuda_key, thread_count
 from .onnx_base import OnnxBackend, onnx_bytes
@@ -64,8 +65,14 @@ class OnnxRuntimeBackend(OnnxBackend):
         opts.log_severity_level = 3  # warnings about unused initializers are noise here
         return opts
 
-    def _session(self, data: bytes) -> ort.InferenceSession:
+    def _session(self, data: bytes,
+                 weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+        """A session for the serialized model; ``weights``: the values of its external
+        initializers, taken from memory."""
         opts = self._options()
+        if weights:
+            opts.add_external_initializers(
+                list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
         try:
             return ort.InferenceSession(data, sess_options=opts,
                                         providers=[_PROVIDERS[self.device]])
@@ -94,7 +101,10 @@ class OnnxRuntimeBackend(OnnxBackend):
                    settings: TimingSettings | None = None) -> Callable[[], Measurement]:
         """One session and binding, kept for every call (creating a session costs more than a
         measurement of a small network)."""
-        sess = self._session(onnx_bytes(model))
+        return self._timer(self._session(onnx_bytes(model)), inputs, settings)
+
+    def _timer(self, sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
+               settings: TimingSettings | None) -> Callable[[], Measurement]:
         binding = self._binding(sess, inputs)
         run = host_timer(lambda: sess.run_with_iobinding(binding))
         return lambda: measure(run, settings or self.settings)
@@ -116,6 +126,11 @@ class OnnxRuntimeBackend(OnnxBackend):
             return atomic_write_bytes(out, tmp.read_bytes())
         finally:
             tmp.unlink(missing_ok=True)
+
+    def detached_timer(self, graph: DetachedModel, inputs: dict[str, np.ndarray],
+                       settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+        sess = self._session(graph.model.SerializeToString(), graph.weights)
+        return self._timer(sess, inputs, settings)
 
     def engine_timer(self, path: Path,
                      inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
