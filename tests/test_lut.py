@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.backends import BackendInfo, Measurement, TimingSettings, get_backend
+from pipeline.backends import BackendInfo, Measurement, get_backend
 from pipeline.cli import main
 from pipeline.errors import HalpError, LutError, LutMismatch
 from pipeline.lut import LatencyTable, LutEntry, build_lut, journal_path, layer_points, plan
@@ -33,17 +33,17 @@ class Interrupting:
 
     def __init__(self, inner, limit: int | None = None):
         self.inner, self.limit, self.calls = inner, limit, 0
-        self.name, self.precision, self.settings = inner.name, inner.precision, inner.settings
+        self.name, self.precision = inner.name, inner.precision
 
     def describe(self) -> BackendInfo:
         return self.inner.describe()
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
-                   settings: TimingSettings | None = None) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
         if self.limit is not None and self.calls >= self.limit:
             raise KeyboardInterrupt
         self.calls += 1
-        return self.inner.time_layer(layer, cin, cout, copies=copies, settings=settings)
+        return self.inner.time_layer(layer, cin, cout, copies=copies)
 
     def module_timer(self, model: nn.Module, example_input: torch.Tensor):
         return self.inner.module_timer(model, example_input)

@@ -96,7 +96,7 @@ def test_cached_table_measured_another_way_is_rebuilt(smoke: tuple[PruneConfig, 
     cfg, _ = smoke
     (cached,) = Path(cfg.lut_cache).glob("*.json")
     data = json.loads(cached.read_text())
-    data["meta"]["protocol"]["point_repeats_per_pass"] += 1
+    data["meta"]["protocol"]["max_copies"] += 1
     cached.write_text(json.dumps(data))
     lines: list[str] = []
     report = run(cfg, log=lines.append)

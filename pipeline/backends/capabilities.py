@@ -64,12 +64,11 @@ class BackendInfo:
 class LayerTimer(Protocol):
     """Times one layer as it costs inside a network: what a LUT entry is."""
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
-                   settings: TimingSettings | None = None) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
         """The layer at (cin, cout) as it costs inside a network: ``copies`` instances with
         their own weights run back to back (:func:`~pipeline.onnx_layers.copies_for`), and
-        the measurement is one instance's share. ``settings``: this measurement's samples
-        (default: the backend's), e.g. one pass's share of a table point's."""
+        the measurement is one instance's share."""
         ...
 
 
@@ -110,8 +109,7 @@ class OnnxTimer(Protocol):
         ...
 
     def onnx_timer(self, model: onnx.ModelProto | bytes | str | PathLike[str],
-                   inputs: dict[str, np.ndarray],
-                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+                   inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """Prepare ``model`` once (a session, an engine build: seconds on a Jetson); each call
         of the result is one more measurement, for interleaved rounds."""
         ...

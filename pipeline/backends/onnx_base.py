@@ -50,26 +50,24 @@ class OnnxBackend(ABC):
 
     @abstractmethod
     def onnx_timer(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
-                   inputs: dict[str, np.ndarray],
-                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+                   inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """Prepare ``model`` once; each call of the result times one inference on ``inputs``
-        (name -> array) again, with ``settings`` (default: the backend's)."""
+        (name -> array) again."""
 
     def time_onnx(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
                   inputs: dict[str, np.ndarray]) -> Measurement:
         return self.onnx_timer(model, inputs)()
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
-                   settings: TimingSettings | None = None) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
         graph = packed_graph(layer, cin, cout, copies, outputs=self.packed_outputs)
-        timer = self.detached_timer(graph, layer_inputs(layer, cin, cout), settings)
-        return timer().per_copy(copies)
+        return self.detached_timer(graph, layer_inputs(layer, cin, cout))().per_copy(copies)
 
-    def detached_timer(self, graph: DetachedModel, inputs: dict[str, np.ndarray],
-                       settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+    def detached_timer(self, graph: DetachedModel,
+                       inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """:meth:`onnx_timer` for a graph whose weights travel beside it; runtimes that can
         take them from memory override this and skip the protobuf round trip."""
-        return self.onnx_timer(graph.embedded(), inputs, settings)
+        return self.onnx_timer(graph.embedded(), inputs)
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         return self.module_timer(model, example_input)()

@@ -97,17 +97,16 @@ class OnnxRuntimeBackend(OnnxBackend):
         return binding
 
     def onnx_timer(self, model: onnx.ModelProto | bytes | str | Path,
-                   inputs: dict[str, np.ndarray],
-                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+                   inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """One session and binding, kept for every call (creating a session costs more than a
         measurement of a small network)."""
-        return self._timer(self._session(onnx_bytes(model)), inputs, settings)
+        return self._timer(self._session(onnx_bytes(model)), inputs)
 
-    def _timer(self, sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
-               settings: TimingSettings | None) -> Callable[[], Measurement]:
+    def _timer(self, sess: ort.InferenceSession,
+               inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         binding = self._binding(sess, inputs)
         run = host_timer(lambda: sess.run_with_iobinding(binding))
-        return lambda: measure(run, settings or self.settings)
+        return lambda: measure(run, self.settings)
 
     def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
         """The model after ONNX Runtime's full graph optimisation (fusions, constant folding),
@@ -127,10 +126,10 @@ class OnnxRuntimeBackend(OnnxBackend):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def detached_timer(self, graph: DetachedModel, inputs: dict[str, np.ndarray],
-                       settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+    def detached_timer(self, graph: DetachedModel,
+                       inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         sess = self._session(graph.model.SerializeToString(), graph.weights)
-        return self._timer(sess, inputs, settings)
+        return self._timer(sess, inputs)
 
     def engine_timer(self, path: Path,
                      inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:

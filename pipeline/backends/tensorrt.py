@@ -121,12 +121,12 @@ class TensorRTBackend(OnnxBackend):
                             ) from exc
         return bytes(plan)
 
-    def _plan_timer(self, plan: bytes, inputs: dict[str, np.ndarray],
-                    settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+    def _plan_timer(self, plan: bytes,
+                    inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """Deserialize once and bind once; each call measures the same context again."""
         engine = self.loaders.engine_from_bytes(plan)
         time_batch = _Bindings(engine, inputs).timer()
-        return lambda: measure(time_batch, settings or self.settings)
+        return lambda: measure(time_batch, self.settings)
 
     def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
         return atomic_write_bytes(Path(out_dir) / f"{name}.plan", self._plan(model))
@@ -136,10 +136,9 @@ class TensorRTBackend(OnnxBackend):
         return self._plan_timer(Path(path).read_bytes(), inputs)
 
     def onnx_timer(self, model: onnx.ModelProto | bytes | str | Path,
-                   inputs: dict[str, np.ndarray],
-                   settings: TimingSettings | None = None) -> Callable[[], Measurement]:
+                   inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """One engine build (seconds on a Jetson) for every call of the result."""
-        return self._plan_timer(self._plan(model), inputs, settings)
+        return self._plan_timer(self._plan(model), inputs)
 
     def describe(self) -> BackendInfo:
         device = self.cuda.Device(0)

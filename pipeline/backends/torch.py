@@ -153,22 +153,20 @@ class TorchBackend:
             finally:
                 torch.set_num_threads(previous)
 
-    def _time(self, module: nn.Module, x: torch.Tensor,
-              settings: TimingSettings | None = None) -> Measurement:
+    def _time(self, module: nn.Module, x: torch.Tensor) -> Measurement:
         module = module.eval().to(self.device, self.dtype)
         x = x.to(self.device, self.dtype)
-        settings = settings or self.settings
         with self._pinned(), torch.inference_mode():
             if self.kind == DeviceKind.CPU:
-                return measure(host_timer(lambda: module(x)), settings)
+                return measure(host_timer(lambda: module(x)), self.settings)
             replay, _ = cuda_graph(module, x)
-            return measure(cuda_timer(replay), settings)
+            return measure(cuda_timer(replay), self.settings)
 
-    def time_layer(self, layer: LayerSpec, cin: int, cout: int, copies: int = 1,
-                   settings: TimingSettings | None = None) -> Measurement:
+    def time_layer(self, layer: LayerSpec, cin: int, cout: int,
+                   copies: int = 1) -> Measurement:
         packed = _Copies(torch_layer(layer, cin, cout), copies)
         x = torch.from_numpy(layer_input(layer, cin))
-        return self._time(packed, x, settings).per_copy(copies)
+        return self._time(packed, x).per_copy(copies)
 
     def time_module(self, model: nn.Module, example_input: torch.Tensor) -> Measurement:
         return self.module_timer(model, example_input)()

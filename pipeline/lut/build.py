@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..backends import Backend, BackendInfo, Measurement
-from ..backends.timing import ROUNDS, TimingSettings, combine
+from ..backends.timing import ROUNDS, combine
 from ..calibration import fit, references
 from ..errors import HalpError, LutMismatch
 from ..onnx_layers import COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS, copies_for
@@ -38,14 +38,6 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger(__name__)
-
-#: warm-up of a point in each pass, runs and milliseconds: its packed graph is prepared when the
-#: session is made and the points run back to back, so the first runs only settle the thread
-#: pool (a network's 10 ms floor was two thirds of a build's measuring time)
-POINT_WARMUP = 2
-POINT_WARMUP_MS = 2.0
-#: fewest samples a point takes in one pass, whatever the split
-MIN_POINT_REPEATS = 5
 
 #: (sig, cin, cout): one point to measure
 _Task = tuple[str, int, int]
@@ -87,8 +79,7 @@ def build_lut(
     and ``constant_ms`` such that scale · Σ entries + constant fits both.
 
     With ``passes`` > 1 every point is measured once per pass, each pass in its own shuffled
-    order and taking its share of the samples (:func:`_point_settings`), so a point's
-    measurements are minutes apart; the reference networks are measured in
+    order, so a point's measurements are minutes apart; the reference networks are measured in
     interleaved rounds after each pass, ``ROUNDS`` in all (as `halp verify` measures a
     network). Repeats are combined by the protocol's rule
     (:func:`~pipeline.backends.timing.combine`: the fastest under p10, the median under median),
@@ -100,7 +91,7 @@ def build_lut(
         raise HalpError(f"step and passes must be >= 1 and max_points >= 2 (got step={step}, "
                         f"passes={passes}, max_points={max_points})")
     described = backend.describe()
-    settings = _Settings(step, max_points, seed, passes, _protocol(spec, backend, passes))
+    settings = _Settings(step, max_points, seed, passes, _protocol(spec))
     header = journal_header(described, asdict(settings))
     out = Path(out)
     existing = _existing(out, spec, header)
@@ -122,27 +113,12 @@ def build_lut(
     return table
 
 
-def _protocol(spec: NetworkSpec, backend: Backend, passes: int) -> dict[str, Any]:
+def _protocol(spec: NetworkSpec) -> dict[str, Any]:
     """How the points are measured, recorded in the header and the table: a table built
     otherwise is another build."""
-    per_pass = _point_settings(backend.settings, passes)
     return {"name": PROTOCOL, "working_set_params": working_set(spec),
             "max_copies": MAX_COPIES, "compute_bound": COMPUTE_BOUND,
-            "max_macs": MAX_PACKED_MACS,
-            "point_warmup": per_pass.warmup, "point_warmup_ms": per_pass.warmup_ms,
-            "point_repeats_per_pass": per_pass.repeats}
-
-
-def _point_settings(settings: TimingSettings, passes: int) -> TimingSettings:
-    """A point's share of the timing protocol in one pass: its passes together take the
-    samples one measurement takes (``settings.repeats``), minutes apart instead of in one
-    burst, so a slow spell of the device spoils one share and the fastest share is kept."""
-    return replace(settings, warmup=min(settings.warmup, POINT_WARMUP),
-                   warmup_ms=min(settings.warmup_ms, POINT_WARMUP_MS),
-                   repeats=max(MIN_POINT_REPEATS, math.ceil(settings.repeats / passes)))
-
-
-
+            "max_macs": MAX_PACKED_MACS}
 
 
 def _existing(out: Path, spec: NetworkSpec, header: dict[str, Any]) -> LatencyTable | None:
@@ -176,20 +152,18 @@ def _measure_passes(backend: Backend, entries: Mapping[str, LutEntry], tasks: li
             todo = [pt for pt in tasks if p not in journal.points.get(pt, {})]
             random.Random(settings.seed + p).shuffle(todo)
             _measure(backend, entries, todo, journal, p, bar,
-                     settings.protocol["working_set_params"],
-                     _point_settings(backend.settings, settings.passes))
+                     settings.protocol["working_set_params"])
             _measure_references(timers, journal, p, math.ceil(ROUNDS / settings.passes))
 
 
 def _measure(backend: Backend, entries: Mapping[str, LutEntry], todo: list[_Task],
-             journal: Journal, p: int, bar: tqdm, params: int, timing: TimingSettings) -> None:
-    """Time the points ``todo`` in pass ``p``, each packed for a working set of ``params``,
-    with ``timing`` (the pass's share of the samples)."""
+             journal: Journal, p: int, bar: tqdm, params: int) -> None:
+    """Time the points ``todo`` in pass ``p``, each packed for a working set of ``params``."""
     examples = {sig: layer_from_geometry(e.layer_example) for sig, e in entries.items()}
     for sig, cin, cout in todo:
         started = time.perf_counter()
         copies = copies_for(examples[sig], cin, cout, params)
-        m = backend.time_layer(examples[sig], cin, cout, copies=copies, settings=timing)
+        m = backend.time_layer(examples[sig], cin, cout, copies=copies)
         journal.add({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies,
                      **m.to_dict()}, time.perf_counter() - started)
         bar.update()
