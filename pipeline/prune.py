@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import engine
-from .backends import Backend, Measurement, backend_options, engine_builders, get_backend
+from .backends import Backend, Measurement, engine_builders, get_backend_taking
 from .backends.device import slug
 from .backends.timing import interleaved
 from .config import PruneConfig
@@ -150,9 +150,7 @@ def _backend(cfg: PruneConfig) -> Backend:
         raise HalpError(f"halp prune deploys through an engine: use backend "
                         f"{' or '.join(deployable)} (the {cfg.backend} backend is for "
                         "LUTs and research)")
-    threads = cfg.threads if "threads" in backend_options(cfg.backend) else None
-    options = {"threads": threads} if threads else {}
-    return get_backend(cfg.backend, cfg.precision, **options)
+    return get_backend_taking(cfg.backend, cfg.precision, threads=cfg.threads)
 
 
 def _target_text(cfg: PruneConfig) -> str:

@@ -19,7 +19,8 @@ from .timing import Measurement, TimingSettings
 
 __all__ = ["BACKENDS", "PRECISIONS", "Backend", "BackendInfo", "EngineBuilder", "LayerTimer",
            "Measurement", "NetworkTimer", "OnnxTimer", "TimingSettings", "available",
-           "backend_class", "backend_options", "engine_builders", "get_backend"]
+           "backend_class", "backend_options", "engine_builders", "get_backend",
+           "get_backend_taking"]
 
 PRECISIONS = tuple(Precision)
 
@@ -76,6 +77,14 @@ def get_backend(name: str, precision: str = "fp32", **options: object) -> Backen
         )
     return backend_class(name)(Precision(precision), settings=TimingSettings(**timing),
                                **options)
+
+
+def get_backend_taking(name: str, precision: str, **wanted: object) -> Backend:
+    """:func:`get_backend` with those of ``wanted`` that the backend takes and that are set:
+    for callers holding settings meant for any backend (TensorRT takes no CPU threads)."""
+    own = backend_options(name)
+    return get_backend(name, precision,
+                       **{k: v for k, v in wanted.items() if v is not None and k in own})
 
 
 def available(name: str, precision: str = "fp32", **options: object) -> str | None:

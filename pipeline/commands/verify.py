@@ -80,15 +80,13 @@ def run(args: argparse.Namespace) -> int:
 def _backend_for(lut: LatencyTable, args: argparse.Namespace) -> Backend:
     """The table's own backend and precision; CPU threads and device as it was measured unless
     the flags say otherwise."""
-    from ..backends import backend_options, get_backend
+    from ..backends import get_backend_taking
     from ..backends.device import kind_of
 
     meta = lut.meta
-    wanted = {"threads": args.threads or meta.get("threads"),
-              "device": args.device or str(kind_of(meta["device_key"]))}
-    own = backend_options(meta["backend"])  # e.g. tensorrt takes neither
-    options = {k: v for k, v in wanted.items() if v is not None and k in own}
-    return get_backend(meta["backend"], meta["precision"], **options)
+    return get_backend_taking(meta["backend"], meta["precision"],
+                              threads=args.threads or meta.get("threads"),
+                              device=args.device or str(kind_of(meta["device_key"])))
 
 
 def render(report: VerifyReport) -> str:
