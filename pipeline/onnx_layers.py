@@ -302,11 +302,13 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
     weights, all reading the one input ``x``: one run of it, divided by ``copies``, is what the
     layer costs inside a network (:func:`copies_for`).
 
-    The input stays warm, as when the producing layer just wrote it. ``outputs="one"``: only
-    the first copy's output ``y`` leaves the graph; the others end in the runtime's own layout,
-    as inside a network, instead of paying a conversion at a graph output (ONNX Runtime runs
-    nodes whose outputs nobody reads). ``"all"``: every copy's output ``y``, ``y_1``, ...
-    leaves the graph, for runtimes that remove unused layers (TensorRT).
+    The input stays warm, as when the producing layer just wrote it. ``outputs="one"``: the
+    copies' outputs stay in the runtime's own layout, as inside a network (ONNX Runtime runs
+    nodes whose outputs nobody reads); the graph's output ``y`` is one value per channel of
+    the first copy's (for a convolution; a linear layer's own output), so no run pays a layout
+    conversion of a whole feature map that the network does not have. ``"all"``: every copy's
+    output ``y``, ``y_1``, ... leaves the graph whole, for runtimes that remove unused layers
+    (TensorRT).
     """
     if copies < 1 or outputs not in ("one", "all"):
         raise ValueError(f"copies must be >= 1 and outputs 'one' or 'all' "
@@ -316,18 +318,28 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
     shape = _output_shape(layer, cout)
     nodes: list[onnx.NodeProto] = []
     inits: dict[str, np.ndarray] = {}
-    names = ["y"] + [f"y_{i}" for i in range(1, copies)]
+    corner = outputs == "one" and layer.op != "linear"
+    names = ["y_0" if corner else "y"] + [f"y_{i}" for i in range(1, copies)]
     for i, out in enumerate(names):
         # distinct values: every copy really owns its memory (no runtime may share it)
         weights = {k: v * np.float32(1.0 + 1e-3 * i) if i else v for k, v in base.items()}
         more, own = _layer_copy(layer, cin, cout, groups, weights, out, f"c{i}_")
         nodes += more
         inits |= own
-    kept = names if outputs == "all" else names[:1]
-    model = _model(layer, cin, cout, nodes, inits, [(n, shape) for n in kept], opset,
-                   detach=True)
+    kept = [(n, shape) for n in (names if outputs == "all" else names[:1])]
+    if corner:
+        nodes.append(_corner("y_0", "y", shape[2:]))
+        kept = [("y", (*shape[:2], *[1] * len(shape[2:])))]
+    model = _model(layer, cin, cout, nodes, inits, kept, opset, detach=True)
     return DetachedModel(model, {t.name: inits[t.name] for t in model.graph.initializer
                                  if t.data_location == TensorProto.EXTERNAL})
+
+
+def _corner(src: str, out: str, spatial: tuple[int, ...]) -> onnx.NodeProto:
+    """``out``: one value per channel of ``src`` (a 1-wide max pool striding over the whole
+    map), so the graph's output costs nothing and needs no full layout conversion."""
+    return helper.make_node("MaxPool", [src], [out], kernel_shape=[1] * len(spatial),
+                            strides=[max(1, d) for d in spatial])
 
 
 def _torch_core(layer: LayerSpec, cin: int, cout: int, groups: int) -> nn.Module:

@@ -72,14 +72,17 @@ class TimingSettings:
 
     ``warmup`` runs (and at least ``warmup_ms`` of running) come first, then ``repeats``
     samples; each sample lasts at least ``min_sample_ms``. The defaults keep a CPU LUT quick
-    to build; raise ``repeats`` for final tables. ``statistic`` (a
+    to build; raise ``repeats`` for final tables. A short warm-up is enough because the
+    statistic is a low percentile of the samples, not their mean: on the same 200 table points
+    (resnet18 at 224x224, 2 threads, 3 passes) 3 runs / 2 ms priced the points within 0.1% of
+    5 runs / 10 ms in sum, and cut the build by a quarter (docs/BENCHMARKS.md). ``statistic`` (a
     :class:`~pipeline.kinds.Statistic`): "auto" lets the device kind choose (:meth:`resolved`).
     """
 
-    warmup: int = 5
+    warmup: int = 3
     repeats: int = 15
     min_sample_ms: float = 0.2
-    warmup_ms: float = 10.0
+    warmup_ms: float = 2.0
     statistic: Statistic | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:

@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 #: how entries are measured, recorded in every table and journal header: each point is
 #: ``copies_for(layer, cin, cout, working_set)`` copies of the layer with their own weights
-#: in one graph, so the weights stream through the caches as they do in the network
-PROTOCOL = "packed-network-working-set"
+#: in one graph, so the weights stream through the caches as they do in the network. /2: the
+#: graph's output is one value per channel (no whole-map layout conversion in any run,
+#: :func:`~pipeline.onnx_layers.packed_graph`)
+PROTOCOL = "packed-network-working-set/2"
 
 Point = tuple[int, int]
 
