@@ -1,5 +1,6 @@
 """Does the latency table hold on models it was not tuned on? One table per model, input and
-thread count, built with the defaults of `halp lut build`, then `halp verify` on it.
+thread count, built with the defaults of `halp lut build`, then `halp verify` on it (each a
+`halp` command in its own process, as the README runs them).
 
     .venv/bin/python tools/bench_latency_model.py [--only resnet18] [--samples 12] [--out DIR]
 
@@ -17,20 +18,19 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.backends import get_backend
 from pipeline.backends.device import cpu_name, default_threads
 from pipeline.commands.common import format_table
-from pipeline.commands.lut import DEFAULT_MAX_POINTS, DEFAULT_PASSES
 from pipeline.fsio import append_journal, read_journal
-from pipeline.lut import build_lut
+from pipeline.lut import LatencyTable
 from pipeline.models import load_model
 from pipeline.structure import analyze
-from pipeline.verify import verify
 
 #: (model, input shape): the issue's six, and one no issue names
 CASES = [
@@ -61,28 +61,40 @@ def cache_sizes() -> str:
     return ", ".join(parts) or "unknown"
 
 
+def halp(*args: str, ok: tuple[int, ...] = (0,)) -> None:
+    """One `halp` command in its own process, as a user runs it (a fresh process also keeps
+    one line's memory and threads out of the next line's measurements)."""
+    code = subprocess.run([sys.executable, "-m", "pipeline", *args], check=False,
+                          stdout=subprocess.DEVNULL).returncode
+    if code not in ok:
+        raise SystemExit(f"`halp {' '.join(args)}` failed with exit code {code}")
+
+
 def run_case(model_name: str, shape: tuple[int, ...], threads: int, samples: int,
              out: Path) -> dict:
-    torch.manual_seed(0)
-    model = load_model(model_name, num_classes=10).eval()
-    x = torch.randn(*shape)
-    spec = analyze(model, x, name=model_name)
-    backend = get_backend("onnxruntime", "fp32", threads=threads)
+    """`halp lut build` with the defaults, then `halp verify` on its table."""
     tag = f"{model_name}-{'x'.join(map(str, shape))}-t{threads}"
-    lut = build_lut(spec, backend, max_points=DEFAULT_MAX_POINTS, passes=DEFAULT_PASSES,
-                    out=out / f"{tag}.json", model=model, example_input=x, progress=False)
-    report = verify(model, x, lut, backend, samples=samples, name=model_name, progress=False,
-                    log=lambda _msg: None)
-    errors = np.array([s.error_pct for s in report.samples])
+    common = ["--model", model_name, "--num-classes", "10", "--input", "x".join(map(str, shape)),
+              "--threads", str(threads)]
+    table, report_path = out / f"{tag}.json", out / f"{tag}.verify.json"
+    halp("lut", "build", *common, "--backend", "onnxruntime", "--out", str(table),
+         "--no-progress")
+    halp("verify", *common, "--lut", str(table), "--samples", str(samples),
+         "--report", str(report_path), ok=(0, 1))  # 1: outside its tolerance, still a result
+    lut = LatencyTable.load(table)
+    report = json.loads(report_path.read_text())
+    model = load_model(model_name, num_classes=10).eval()
+    spec = analyze(model, torch.randn(*shape), name=model_name)
+    errors = np.array([s["error_pct"] for s in report["samples"]])
     dense_entries = sum(lut.layer_latencies(spec, calibrated=False).values())
     return {
         "model": model_name, "input": "x".join(map(str, shape)), "threads": threads,
-        "additivity": dense_entries / report.dense_measured_ms,
+        "additivity": dense_entries / report["dense_measured_ms"],
         "additivity_build": lut.meta["check"]["additivity"],
-        "scale": report.scale, "constant_ms": report.constant_ms,
-        "dense_ms": report.dense_measured_ms, "mape": report.mape,
+        "scale": report["scale"], "constant_ms": report["constant_ms"],
+        "dense_ms": report["dense_measured_ms"], "mape": report["mape"],
         "within10": float(100 * np.mean(np.abs(errors) <= 10.0)),
-        "worst": float(np.max(np.abs(errors))), "spearman": report.spearman,
+        "worst": float(np.max(np.abs(errors))), "spearman": report["spearman"],
         # measuring time the journal accumulated: right also when a build was resumed
         "build_s": float(lut.meta["build_s"]), "points": int(lut.meta["points"]),
     }
