@@ -333,5 +333,11 @@ def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str,
     info = backend.describe()
     assert info.kind == "cuda" and re.search(r"-sm\d+$", info.device_key)
     assert "tensorrt" in info.versions and info.threads is None
+    assert info.provider == "TensorRT builder, TF32 on"  # TensorRT's default, not polygraphy's
     assert np.isfinite(backend.time_module(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 16, 16))
                        .median_ms)
+    # a plan TensorRT cannot load (another version's, or not a plan) is a clear error
+    foreign = tmp_path / "foreign.plan"
+    foreign.write_bytes(plan.read_bytes()[: plan.stat().st_size // 2])
+    with pytest.raises(HalpError, match="rebuild it with `halp engine`"):
+        backend.engine_timer(foreign, {"x": layer_input(conv, 8)})

@@ -43,7 +43,8 @@ class BackendInfo:
     versions: Mapping[str, str]
     threads: int | None
     settings: TimingSettings
-    provider: str | None = None  # ONNX Runtime's execution provider
+    #: how the runtime executes: ONNX Runtime's execution provider, TensorRT's builder flags
+    provider: str | None = None
 
     @property
     def kind(self) -> DeviceKind:

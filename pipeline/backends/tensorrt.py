@@ -3,16 +3,18 @@
 Written against the TensorRT 10 Python API (name-based I/O: ``num_io_tensors``,
 ``get_tensor_name/shape/dtype/mode``, ``IExecutionContext.set_tensor_address``,
 ``execute_async_v3``), polygraphy 0.49+ loaders (``NetworkFromOnnxBytes``, ``CreateConfig``,
-``EngineBytesFromNetwork``, ``engine_from_bytes``, ``PolygraphyException``) and pycuda 2022.2+
-(``autoprimaryctx``, ``Event.record(stream)``, ``Event.time_till``). ``tensorrt`` and
+``EngineBytesFromNetwork``, ``engine_from_bytes``, ``PolygraphyException``,
+``G_LOGGER.verbosity``) and pycuda 2022.2+ (``autoprimaryctx``, ``Context.get_device``,
+``Event.record(stream)``, ``Event.time_till``). ``tensorrt`` and
 ``pycuda`` are imported inside functions only: nothing else in the package imports them, and
 the package works without them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -90,8 +92,8 @@ class _Bindings:
 
 
 class TensorRTBackend(OnnxBackend):
-    """Builds an engine per ONNX model at the backend's precision and times it on device 0; its
-    engine files are the serialized plans (``.plan``)."""
+    """Builds an engine per ONNX model at the backend's precision and times it on the device of
+    pycuda's primary context; its engine files are the serialized plans (``.plan``)."""
 
     name = "tensorrt"
     #: TensorRT removes layers whose outputs nobody reads: every copy's output is kept
@@ -107,26 +109,41 @@ class TensorRTBackend(OnnxBackend):
         self.default_step = channel_step(DeviceKind.CUDA)
 
     def _plan(self, model: onnx.ModelProto | bytes | str | Path) -> bytes:
-        """A serialized TensorRT plan for the ONNX model (fp16 lets TensorRT pick half kernels)."""
-        exception = _require("polygraphy.exception")
+        """A serialized TensorRT plan for the ONNX model (fp16 lets TensorRT pick half kernels).
+
+        TF32 is on, as in TensorRT's own builder config and trtexec: polygraphy's
+        ``CreateConfig`` defaults to ``tf32=False`` and clears the flag, which would time strict
+        FP32 kernels on Ampere and Orin that no deployed "fp32" engine runs.
+        """
         # lazy loaders: the builder and network live only inside the build call
         build = self.loaders.EngineBytesFromNetwork(
             self.loaders.NetworkFromOnnxBytes(onnx_bytes(model)),
-            config=self.loaders.CreateConfig(fp16=self.precision == Precision.FP16),
+            config=self.loaders.CreateConfig(tf32=True, fp16=self.precision == Precision.FP16),
         )
-        try:
-            plan = build()
-        except exception.PolygraphyException as exc:
-            raise HalpError(f"TensorRT {self.trt.__version__} could not build an engine: {exc}"
-                            ) from exc
-        return bytes(plan)
+        with self._quiet("could not build an engine"):
+            return bytes(build())
 
     def _plan_timer(self, plan: bytes,
                     inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
         """Deserialize once and bind once; each call measures the same context again."""
-        engine = self.loaders.engine_from_bytes(plan)
+        with self._quiet("could not load the plan (a plan only loads in the TensorRT version "
+                         "and on the GPU model that built it: rebuild it with `halp engine` "
+                         "here)"):
+            engine = self.loaders.engine_from_bytes(plan)
         time_batch = _Bindings(engine, inputs).timer()
         return lambda: measure(time_batch, self.settings)
+
+    @contextlib.contextmanager
+    def _quiet(self, failed: str) -> Iterator[None]:
+        """polygraphy's logging at warnings only (it prints a configuration block per engine,
+        through the progress bar) and its failures as a HalpError saying what ``failed``."""
+        logger = _require("polygraphy.logger").G_LOGGER
+        exception = _require("polygraphy.exception")
+        try:
+            with logger.verbosity(logger.WARNING):
+                yield
+        except exception.PolygraphyException as exc:
+            raise HalpError(f"TensorRT {self.trt.__version__} {failed}: {exc}") from exc
 
     def build_engine(self, model: onnx.ModelProto, out_dir: Path, name: str) -> Path:
         return atomic_write_bytes(Path(out_dir) / f"{name}.plan", self._plan(model))
@@ -141,7 +158,7 @@ class TensorRTBackend(OnnxBackend):
         return self._plan_timer(self._plan(model), inputs)
 
     def describe(self) -> BackendInfo:
-        device = self.cuda.Device(0)
+        device = self.cuda.Context.get_device()  # the device the engines run on, not device 0
         polygraphy = _require("polygraphy")
         pycuda = _require("pycuda")
         driver = self.cuda.get_driver_version()
@@ -151,4 +168,4 @@ class TensorRTBackend(OnnxBackend):
             versions={"tensorrt": self.trt.__version__, "polygraphy": polygraphy.__version__,
                       "pycuda": pycuda.VERSION_TEXT, "cuda_driver": str(driver),
                       "numpy": np.__version__},
-            threads=None, settings=self.settings)
+            threads=None, settings=self.settings, provider="TensorRT builder, TF32 on")
