@@ -272,26 +272,29 @@ def layer_params(layer: LayerSpec, cin: int, cout: int) -> int:
 def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
                max_copies: int = MAX_COPIES) -> int:
     """How many copies of the layer, each with its own weights, the packed graph of the point
-    (cin, cout) holds: the network's ``working_set`` parameters over the layer's own at its full
-    width, so the copies stream what a network pruned like this point streams.
+    (cin, cout) holds.
 
     Inside a network, by the time a layer runs again every other layer's weights have passed
-    through the caches; a lone layer timed back to back finds its own still there. At full
-    width the copies hold the whole network's weights, cold where they exceed the last-level
-    cache and warm where they fit, whatever the device's cache sizes. A point at a fraction of
-    the layer's weights holds that fraction of the network's: pruned networks stream less, and
-    one that fits the cache where the dense one does not runs its layers from the cache (vgg11_bn
-    at 64x64: 516 MB dense, a tenth of that pruned). Never more than ``max_copies`` or
-    ``MAX_PACKED_PARAMS``; a compute-bound layer (:data:`COMPUTE_BOUND`) no more than
-    ``MAX_PACKED_MACS`` allows.
+    through the caches; a lone layer timed back to back finds its own still there. A
+    memory-bound point gets the network's ``working_set`` parameters over the layer's own at
+    its full width: at full width the copies stream the whole network's weights, cold where
+    they exceed the last-level cache and warm where they fit, whatever the device's caches; a
+    point at a fraction of the layer's weights streams that fraction of the network's, as a
+    network pruned like it does (vgg11_bn at 64x64: 516 MB dense, a tenth of that pruned, which
+    then runs from the cache). A compute-bound point (:data:`COMPUTE_BOUND`), whose time hardly
+    depends on where its weights come from, gets as many copies as ``MAX_PACKED_MACS`` allows
+    (up to the network's weights over its own), so that the run's fixed cost (converting the
+    one input, the runtime's call) is shared by many copies. Never more than ``max_copies`` or
+    ``MAX_PACKED_PARAMS``.
     """
     own = max(1, layer_params(layer, cin, cout))
-    full = max(own, layer_params(layer, *layer.dims()))
     macs = max(1, layer.batch * layer.macs_at(cin, cout))
     limit = min(max_copies, MAX_PACKED_PARAMS // own)
     if macs >= COMPUTE_BOUND * own:
-        limit = min(limit, MAX_PACKED_MACS // macs)
-    return int(max(1, min(limit, math.ceil(working_set / full))))
+        wanted = min(MAX_PACKED_MACS // macs, math.ceil(working_set / own))
+    else:
+        wanted = math.ceil(working_set / max(own, layer_params(layer, *layer.dims())))
+    return int(max(1, min(limit, wanted)))
 
 
 def packed_model(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,
