@@ -271,30 +271,22 @@ def layer_params(layer: LayerSpec, cin: int, cout: int) -> int:
 
 def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
                max_copies: int = MAX_COPIES) -> int:
-    """How many copies of the layer, each with its own weights, the packed graph of the point
-    (cin, cout) holds.
+    """How many copies of the layer, each with its own weights, hold about ``working_set``
+    parameters: the cache state of a layer inside a network of that many parameters.
 
     Inside a network, by the time a layer runs again every other layer's weights have passed
-    through the caches; a lone layer timed back to back finds its own still there. A
-    memory-bound point gets the network's ``working_set`` parameters over the layer's own at
-    its full width: at full width the copies stream the whole network's weights, cold where
-    they exceed the last-level cache and warm where they fit, whatever the device's caches; a
-    point at a fraction of the layer's weights streams that fraction of the network's, as a
-    network pruned like it does (vgg11_bn at 64x64: 516 MB dense, a tenth of that pruned, which
-    then runs from the cache). A compute-bound point (:data:`COMPUTE_BOUND`), whose time hardly
-    depends on where its weights come from, gets as many copies as ``MAX_PACKED_MACS`` allows
-    (up to the network's weights over its own), so that the run's fixed cost (converting the
-    one input, the runtime's call) is shared by many copies. Never more than ``max_copies`` or
-    ``MAX_PACKED_PARAMS``.
+    through the caches; a lone layer timed back to back finds its own still there. Copies
+    that together stream as many weights as the whole network reproduce the network's state,
+    whatever the device's cache sizes: cold where the network's weights exceed the last-level
+    cache, warm where they fit. Never more than ``max_copies`` or ``MAX_PACKED_PARAMS``; a
+    compute-bound layer (:data:`COMPUTE_BOUND`) no more than ``MAX_PACKED_MACS`` allows.
     """
     own = max(1, layer_params(layer, cin, cout))
     macs = max(1, layer.batch * layer.macs_at(cin, cout))
     limit = min(max_copies, MAX_PACKED_PARAMS // own)
     if macs >= COMPUTE_BOUND * own:
-        wanted = min(MAX_PACKED_MACS // macs, math.ceil(working_set / own))
-    else:
-        wanted = math.ceil(working_set / max(own, layer_params(layer, *layer.dims())))
-    return int(max(1, min(limit, wanted)))
+        limit = min(limit, MAX_PACKED_MACS // macs)
+    return int(max(1, min(limit, math.ceil(working_set / own))))
 
 
 def packed_model(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,

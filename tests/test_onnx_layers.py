@@ -151,10 +151,6 @@ def test_copies_stream_the_network_working_set_within_limits() -> None:
     assert own == 16 * 8 * 9 + 16
     assert copies_for(layer, 8, 16, working_set=10 * own) == 10
     assert copies_for(layer, 8, 16, working_set=own // 2) == 1
-    # a pruned point streams what a network pruned like it does: as many copies as at full width
-    full = layer_params(layer, *layer.dims())
-    assert copies_for(layer, *layer.dims(), working_set=10 * full) == 10
-    assert copies_for(layer, 8, 8, working_set=10 * full) == 10
     assert copies_for(layer, 8, 16, working_set=10**9) == MAX_COPIES
     big = dataclasses.replace(layer, in_hw=(512, 512), out_hw=(256, 256))  # compute-bound
     assert copies_for(big, 8, 16, working_set=10**9) == 1

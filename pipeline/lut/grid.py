@@ -26,10 +26,8 @@ if TYPE_CHECKING:
 #: ``copies_for(layer, cin, cout, working_set)`` copies of the layer with their own weights
 #: in one graph, so the weights stream through the caches as they do in the network. /2: the
 #: graph's output is one value per channel (no whole-map layout conversion in any run,
-#: :func:`~pipeline.onnx_layers.packed_graph`). /4: a memory-bound layer's copy count is the
-#: same at every point (network over the layer's full weights), so a pruned point streams what
-#: a network pruned like it does (:func:`~pipeline.onnx_layers.copies_for`)
-PROTOCOL = "packed-network-working-set/4"
+#: :func:`~pipeline.onnx_layers.packed_graph`)
+PROTOCOL = "packed-network-working-set/2"
 
 Point = tuple[int, int]
 
