@@ -1,0 +1,79 @@
+"""The coupled knapsack: its network pricing against the table, its solvers against brute force
+and HiGHS."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from test_planner import SPEC, _table
+
+from pipeline.coupled import Problem, cheapest, network_problem, solve_milp
+from pipeline.errors import InfeasibleBudget
+from pipeline.planner import Planner
+
+
+def random_problem(seed: int, groups: int = 4, choices: int = 4) -> Problem:
+    """A chain with one triangle (0-1-2) and a tail, costs increasing with counts as tables do."""
+    rng = np.random.default_rng(seed)
+    counts = [np.arange(1, rng.integers(2, choices + 1) + 1) * 8 for _ in range(groups)]
+    values = [np.cumsum(np.sort(rng.random(len(c)))[::-1]) for c in counts]
+    unary = [np.sort(rng.random(len(c))) for c in counts]
+    edges = [(0, 1), (1, 2), (0, 2)] + [(g - 1, g) for g in range(3, groups)]
+    pairs = {e: 0.1 * np.outer(counts[e[0]], counts[e[1]]) / 64 * rng.uniform(0.5, 1.5)
+             for e in edges}
+    return Problem(counts, values, unary, pairs, constant=0.25)
+
+
+def brute(problem: Problem, budget: float) -> tuple[float, np.ndarray] | None:
+    best = None
+    for keep in itertools.product(*(range(len(c)) for c in problem.counts)):
+        if problem.cost(keep) <= budget and (best is None or problem.value(keep) > best[0]):
+            best = (problem.value(keep), np.array(keep))
+    return best
+
+
+def budgets(problem: Problem, n: int = 6) -> np.ndarray:
+    low = problem.cost(cheapest(problem))
+    high = problem.cost([len(c) - 1 for c in problem.counts])
+    return np.linspace(low, high, n)
+
+
+def test_network_problem_prices_like_the_table() -> None:
+    planner = Planner(SPEC, _table())
+    counts = {g: c[1:] for g, c in planner.choices.items()}
+    problem = network_problem(SPEC, planner.lut, counts, {g: np.arange(len(c)) * 1.0
+                                                         for g, c in counts.items()})
+    assert list(problem.pairs) == [(0, 1)]
+    for keep in itertools.product(*(range(len(c)) for c in problem.counts)):
+        chosen = {g: int(c[k]) for (g, c), k in zip(counts.items(), keep, strict=True)}
+        assert problem.cost(keep) == pytest.approx(planner.predict(chosen), rel=1e-12)
+    assert problem.cost(cheapest(problem)) == pytest.approx(planner.minimum_ms, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_milp_matches_brute_force(seed: int) -> None:
+    problem = random_problem(seed)
+    for budget in budgets(problem):
+        expected = brute(problem, budget)
+        result = solve_milp(problem, budget)
+        assert result.cost <= budget + 1e-9
+        assert result.value == pytest.approx(expected[0], rel=1e-9)
+        assert result.bound >= result.value and result.gap <= 1e-6
+
+
+def test_cheapest_is_the_fastest_choice() -> None:
+    problem = random_problem(7, groups=5)
+    costs = [problem.cost(k) for k in itertools.product(*(range(len(c))
+                                                         for c in problem.counts))]
+    assert problem.cost(cheapest(problem)) == pytest.approx(min(costs), rel=1e-12)
+
+
+def test_milp_names_the_minimum_when_nothing_fits() -> None:
+    problem = random_problem(1)
+    minimum = problem.cost(cheapest(problem))
+    with pytest.raises(InfeasibleBudget) as info:
+        solve_milp(problem, 0.99 * minimum)
+    assert math.isclose(info.value.minimum, minimum)
