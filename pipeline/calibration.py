@@ -7,6 +7,10 @@ prunable group at half and at a quarter width is a check and a small correction:
 per-run work and the ops the table does not price (pooling, flatten) land in ``constant_ms``.
 A fit that needs a scale outside :data:`SCALE_RANGE` or a negative constant means the table
 does not describe this device, and it is reported loudly rather than absorbed.
+
+Torch-free: the fit runs wherever the references are measured, a device without torch
+included (:mod:`pipeline.device`); the reference networks themselves are made by
+:func:`pipeline.references.references`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
-from .errors import StructureError
-from .slim import slim
 from .spec import NetworkSpec
 
 #: the correction a sound table may need: beyond it the table and the device disagree
@@ -113,21 +113,3 @@ def scaled_counts(spec: NetworkSpec, fraction: float, step: int = 8) -> dict[int
         channels = spec.group(gid).channels
         counts[gid] = min(channels, max(step, round(channels * fraction / step) * step))
     return counts
-
-
-def references(model: nn.Module, example_input: torch.Tensor, spec: NetworkSpec,
-               step: int = 8) -> list[tuple[str, dict[int, int], nn.Module]]:
-    """The networks to calibrate on: ("dense", counts, model) and, where the model can be
-    slimmed, copies with every sizable group at half and at a quarter of its width."""
-    refs = [("dense", spec.dense_counts(), model)]
-    for name, fraction in REFERENCES.items():
-        counts = scaled_counts(spec, fraction, step)
-        keep = {g: c for g, c in counts.items() if c < spec.group(g).channels}
-        if not keep:
-            continue
-        try:
-            refs.append((name, {**spec.dense_counts(), **counts},
-                         slim(model, example_input, keep, spec=spec)))
-        except StructureError as exc:
-            log.warning("no %s-width calibration reference (%s)", name, exc)
-    return refs

@@ -13,6 +13,9 @@ from typing import Any
 
 Op = dict[str, Any]
 
+#: the activations a layer or a context op may apply, by the names specs and tables use
+ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid")
+
 
 def describe(pre: Sequence[Op], post: Sequence[Op]) -> str:
     """A compact signature part: ``gap@7x7>`` before the layer, ``>maxpool3s2p1`` or

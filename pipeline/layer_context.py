@@ -22,10 +22,8 @@ import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import NodeProto, helper
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -213,37 +211,6 @@ def _before(graph: fx.GraphModule, layer: fx.Node, claimed: set) -> list[Op]:
 
 # ---------------------------------------------------------------------------------------------
 # Describing, shaping and building the context
-
-
-def onnx_nodes(ops: Sequence[Op], src: str, out: str,
-               pre: str) -> tuple[list[NodeProto], dict[str, np.ndarray]]:
-    """ONNX nodes applying ``ops`` (a prologue or an epilogue) to ``src``, writing ``out``;
-    products read graph inputs ``r<i>`` (:func:`pipeline.context_ops.extra_inputs`), other
-    names start with ``pre``."""
-    from .onnx_layers import activation_nodes  # the one activation builder, shared with layers
-
-    nodes: list[NodeProto] = []
-    consts: dict[str, np.ndarray] = {}
-    for i, op in enumerate(ops):
-        dst = out if i == len(ops) - 1 else f"{pre}ctx{i}"
-        kind = op["op"]
-        if kind == "act":
-            more, extra = activation_nodes(op["fn"], src, dst, f"{pre}ctx{i}_")
-            nodes += more
-            consts |= extra
-        elif kind == "mul":
-            nodes.append(helper.make_node("Mul", [src, f"r{i}"], [dst]))
-        elif kind == "gap":
-            nodes.append(helper.make_node("GlobalAveragePool", [src], [dst]))
-        else:
-            attrs = dict(kernel_shape=op["kernel"], strides=op["stride"],
-                         pads=list(op["padding"]) * 2, ceil_mode=int(op["ceil_mode"]))
-            if kind == "avgpool":
-                attrs["count_include_pad"] = int(op["count_include_pad"])
-            nodes.append(helper.make_node("MaxPool" if kind == "maxpool" else "AveragePool",
-                                          [src], [dst], **attrs))
-        src = dst
-    return nodes, consts
 
 
 class TorchOps(nn.Module):

@@ -3,8 +3,9 @@
 Each graph is the layer the way a deployed engine runs it: the convolution / linear op with its
 bias (a conv bias or a BatchNorm folded into one) and the activation engines fuse into it. The
 graphs are built directly with ``onnx.helper`` rather than exported from torch, so building a
-LUT of thousands of points costs microseconds per graph, and the same weights are available to
-torch (:func:`torch_layer`) for the eager backend and for equivalence tests.
+LUT of thousands of points costs microseconds per graph. Torch-free (numpy and onnx), so a
+device without torch generates them too (:mod:`pipeline.device`); the same layers in eager
+torch, with the same weights, are :func:`pipeline.torch_layers.torch_layer`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import math
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper
-from torch import nn
 
-from . import context_ops, layer_context
+from . import context_ops
 from .errors import UnsupportedLayer
 from .kinds import OpKind
+from .onnx_context import activation_nodes, onnx_nodes
 from .onnx_weights import DetachedModel, initializer
 from .spec import LayerSpec
 
-ACTIVATIONS = tuple(layer_context.TORCH_ACTIVATIONS)
+ACTIVATIONS = context_ops.ACTIVATIONS
 OPS = tuple(OpKind)
 #: most copies of one layer in a packed graph (:func:`copies_for`): enough to stream a large
 #: network's weights past a small layer, few enough that building the graph stays cheap
@@ -41,7 +41,7 @@ MAX_PACKED_MACS = 1 << 26
 
 
 
-def _check(layer: LayerSpec, cin: int, cout: int) -> int:
+def groups_at(layer: LayerSpec, cin: int, cout: int) -> int:
     """Validate the layer at (cin, cout) and return its group count there."""
     if layer.op not in OPS:
         raise UnsupportedLayer(f"{layer.name}: op {layer.op!r} is not one of {', '.join(OPS)}")
@@ -91,7 +91,7 @@ def layer_weights(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> dict[
     normal: drawing them is a third of a table point's preparation, and uniform draws are three
     times faster.
     """
-    groups = _check(layer, cin, cout)
+    groups = groups_at(layer, cin, cout)
     shape = _weight_shape(layer, cin, cout, groups)
     rng = np.random.default_rng(seed)
     fan_in = cin // groups * math.prod(layer.kernel)  # kernel is () for linear
@@ -185,23 +185,6 @@ def _main_nodes(layer: LayerSpec, groups: int, weights: dict[str, np.ndarray],
     return [helper.make_node(op_type, inputs, [out], **attrs)], weights
 
 
-def activation_nodes(act: str, src: str, out: str,
-                     pre: str = "") -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
-    """Nodes computing ``out = act(src)`` and the constants they need (names start with
-    ``pre``)."""
-    if act == "relu6":
-        lo, hi = f"{pre}clip_min", f"{pre}clip_max"
-        consts = {lo: np.array(0.0, np.float32), hi: np.array(6.0, np.float32)}
-        return [helper.make_node("Clip", [src, lo, hi], [out])], consts
-    if act == "silu":
-        return [helper.make_node("Sigmoid", [src], [f"{pre}sig"]),
-                helper.make_node("Mul", [src, f"{pre}sig"], [out])], {}
-    if act == "hardsigmoid":  # torch's hardsigmoid: relu6(x + 3) / 6
-        return [helper.make_node("HardSigmoid", [src], [out], alpha=1 / 6, beta=0.5)], {}
-    op_type = {"relu": "Relu", "hardswish": "HardSwish", "sigmoid": "Sigmoid"}[act]
-    return [helper.make_node(op_type, [src], [out])], {}
-
-
 def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
                 weights: dict[str, np.ndarray], out: str,
                 pre: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
@@ -211,7 +194,7 @@ def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
     inits: dict[str, np.ndarray] = {}
     src = "x"
     if layer.pre:
-        nodes, inits = layer_context.onnx_nodes(layer.pre, src, f"{pre}in", f"{pre}pre_")
+        nodes, inits = onnx_nodes(layer.pre, src, f"{pre}in", f"{pre}pre_")
         src = f"{pre}in"
         if layer.op == "linear":  # pooled (N, C, 1, 1) to the (N, C) a linear layer reads
             nodes.append(helper.make_node("Flatten", [src], [f"{pre}flat"]))
@@ -224,7 +207,7 @@ def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
         more, own = activation_nodes(layer.act, core, act, pre)
         nodes, inits, core = nodes + more, inits | own, act
     if layer.post:
-        more, own = layer_context.onnx_nodes(layer.post, core, out, f"{pre}post_")
+        more, own = onnx_nodes(layer.post, core, out, f"{pre}post_")
         nodes, inits = nodes + more, inits | own
     return nodes, inits
 
@@ -257,7 +240,7 @@ def layer_model(layer: LayerSpec, cin: int, cout: int, *, seed: int = 0,
     the lowest that carries ``opset``, so older runtimes (JetPack's ONNX Runtime / TensorRT
     parser) load it too.
     """
-    groups = _check(layer, cin, cout)
+    groups = groups_at(layer, cin, cout)
     nodes, inits = _layer_copy(layer, cin, cout, groups, layer_weights(layer, cin, cout, seed),
                                "y", "")
     return _model(layer, cin, cout, nodes, inits, [("y", _output_shape(layer, cout))], opset)
@@ -265,7 +248,7 @@ def layer_model(layer: LayerSpec, cin: int, cout: int, *, seed: int = 0,
 
 def layer_params(layer: LayerSpec, cin: int, cout: int) -> int:
     """Weights and bias of the layer at (cin, cout): the bytes it streams per run, / 4."""
-    groups = _check(layer, cin, cout)
+    groups = groups_at(layer, cin, cout)
     return math.prod(_weight_shape(layer, cin, cout, groups)) + (cout if layer.bias else 0)
 
 
@@ -313,7 +296,7 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
     if copies < 1 or outputs not in ("one", "all"):
         raise ValueError(f"copies must be >= 1 and outputs 'one' or 'all' "
                          f"(got {copies}, {outputs!r})")
-    groups = _check(layer, cin, cout)
+    groups = groups_at(layer, cin, cout)
     base = layer_weights(layer, cin, cout, seed)
     shape = _output_shape(layer, cout)
     nodes: list[onnx.NodeProto] = []
@@ -340,37 +323,3 @@ def _corner(src: str, out: str, spatial: tuple[int, ...]) -> onnx.NodeProto:
     map), so the graph's output costs nothing and needs no full layout conversion."""
     return helper.make_node("MaxPool", [src], [out], kernel_shape=[1] * len(spatial),
                             strides=[max(1, d) for d in spatial])
-
-
-def _torch_core(layer: LayerSpec, cin: int, cout: int, groups: int) -> nn.Module:
-    bias = layer.bias
-    if layer.op == "linear":
-        return nn.Linear(cin, cout, bias=bias)
-    nd = len(layer.kernel)
-    common = dict(kernel_size=layer.kernel, stride=layer.stride, padding=layer.padding,
-                  dilation=layer.dilation, groups=groups, bias=bias)
-    if layer.op == "deconv":
-        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 1]
-        return cls(cin, cout, output_padding=layer.output_padding or 0, **common)
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1](cin, cout, **common)
-
-
-def torch_layer(layer: LayerSpec, cin: int, cout: int, seed: int = 0) -> nn.Module:
-    """The torch equivalent of :func:`layer_model` with the same weights, in eval mode."""
-    groups = _check(layer, cin, cout)
-    core = _torch_core(layer, cin, cout, groups)
-    weights = layer_weights(layer, cin, cout, seed)
-    with torch.no_grad():
-        core.weight.copy_(torch.from_numpy(weights["weight"]))
-        if "bias" in weights:
-            core.bias.copy_(torch.from_numpy(weights["bias"]))
-    act = [layer_context.TORCH_ACTIVATIONS[layer.act]()] if layer.act else []
-    before = [layer_context.TorchOps(layer.pre, {})] if layer.pre else []
-    if layer.pre and layer.op == "linear":
-        before.append(nn.Flatten())
-    after = []
-    if layer.post:
-        inputs = layer_inputs(layer, cin, cout, seed)
-        others = {int(k[1:]): torch.from_numpy(v) for k, v in inputs.items() if k != "x"}
-        after = [layer_context.TorchOps(layer.post, others)]
-    return nn.Sequential(*before, core, *act, *after).eval()

@@ -27,11 +27,12 @@ from torch import nn
 
 from .backends import Backend, Measurement
 from .backends.timing import ROUNDS, interleaved
-from .calibration import fit, references
+from .calibration import fit
 from .errors import HalpError
 from .lut import LatencyTable
 from .planner import Planner
 from .progress import progress as progress_bar
+from .references import references
 from .slim import slim
 from .spec import NetworkSpec
 from .structure import trace

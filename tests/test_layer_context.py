@@ -12,8 +12,12 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.onnx_layers import layer_inputs, layer_model, packed_model, torch_layer
+from pipeline import layer_context
+from pipeline.context_ops import ACTIVATIONS
+from pipeline.onnx_context import activation_nodes
+from pipeline.onnx_layers import layer_inputs, layer_model, packed_model
 from pipeline.structure import analyze
+from pipeline.torch_layers import torch_layer
 
 
 def _spec(name: str, size: int = 64):
@@ -80,3 +84,12 @@ def test_an_untraceable_model_is_analysed_without_context(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="pipeline.layer_context"):
         spec = analyze(_Branchy().eval(), torch.randn(1, 3, 8, 8))
     assert spec.layers[0].post == [] and "torch.fx cannot trace" in caplog.text
+
+
+def test_the_activations_found_in_models_are_the_ones_graphs_build() -> None:
+    """The torch-free graph builder (:mod:`pipeline.onnx_context`) and the model tracer name
+    the same activations: a traced activation the graphs could not build would fail a table."""
+    assert sorted(layer_context.TORCH_ACTIVATIONS) == sorted(ACTIVATIONS)
+    for name in ACTIVATIONS:
+        nodes, _ = activation_nodes(name, "x", "y")
+        assert nodes and nodes[-1].output == ["y"]

@@ -21,7 +21,8 @@ from pipeline.spec import LayerSpec, NetworkSpec
 
 #: modules that only building a table needs: querying one loads neither torch nor onnx
 BUILD_ONLY = ("torch", "onnx", "torch_pruning", "pipeline.slim", "pipeline.structure",
-              "pipeline.calibration", "pipeline.lut.build", "pipeline.backends.onnx_base")
+              "pipeline.references", "pipeline.lut.build", "pipeline.lut.measure",
+              "pipeline.backends.onnx_base")
 
 CHILD = """
 import json, sys

@@ -24,10 +24,10 @@ from pipeline.onnx_layers import (
     layer_weights,
     packed_graph,
     packed_model,
-    torch_layer,
 )
 from pipeline.spec import LayerSpec
 from pipeline.structure import analyze
+from pipeline.torch_layers import torch_layer
 
 # (module, example input): the layer specs come from the real analyzer
 LAYERS = {

@@ -1,7 +1,9 @@
 """What backends that deploy ONNX share: a layer is its single-layer graph, a network its export.
 
-Kept out of :mod:`pipeline.backends` itself because the layer graphs need torch and onnx, and
-the package root must stay light enough for reading a table.
+Kept out of :mod:`pipeline.backends` itself because the layer graphs need onnx, and the package
+root must stay light enough for reading a table. Torch comes in only when a torch network is
+timed (:meth:`OnnxBackend.module_timer` exports it), so timing layers and ONNX files needs no
+torch (:mod:`pipeline.device`).
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from ..errors import HalpError
 from ..kinds import Precision
@@ -22,6 +23,10 @@ from ..onnx_layers import layer_inputs, packed_graph
 from ..onnx_weights import DetachedModel
 from ..spec import LayerSpec
 from .timing import Measurement, TimingSettings
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def onnx_bytes(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bytes:

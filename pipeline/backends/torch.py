@@ -14,8 +14,9 @@ from torch.fx.experimental.optimization import fuse
 
 from ..errors import BackendUnavailable, HalpError
 from ..kinds import DeviceKind, Precision
-from ..onnx_layers import layer_input, torch_layer
+from ..onnx_layers import layer_input
 from ..spec import LayerSpec
+from ..torch_layers import torch_layer
 from .capabilities import BackendInfo
 from .device import channel_step, cpu_key, cpu_name, cuda_key, thread_count
 from .timing import BatchTimer, Measurement, TimingSettings, host_timer, measure

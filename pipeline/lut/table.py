@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from ..backends import Backend, Measurement
 
 #: meta keys that must agree for two tables to be merged (device_key names a device model)
-_MERGE_KEYS = ("backend", "precision", "device_key", "settings", "threads", "versions")
+_MERGE_KEYS = ("backend", "precision", "device_key", "settings", "threads", "versions", "step",
+               "protocol")
 
 
 class LatencyTable:
