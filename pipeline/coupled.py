@@ -66,6 +66,14 @@ class Problem:
     def value(self, keep: Sequence[int] | np.ndarray) -> float:
         return math.fsum(float(v[k]) for v, k in zip(self.values, keep, strict=True))
 
+    def restricted(self, picks: Sequence[np.ndarray]) -> Problem:
+        """The problem over the choices ``picks[g]`` (indices) of each group only."""
+        return Problem([c[p] for c, p in zip(self.counts, picks, strict=True)],
+                       [v[p] for v, p in zip(self.values, picks, strict=True)],
+                       [u[p] for u, p in zip(self.unary, picks, strict=True)],
+                       {(i, j): t[np.ix_(picks[i], picks[j])] for (i, j), t in self.pairs.items()},
+                       self.constant)
+
     @cached_property
     def graph(self) -> Eliminator:
         """The group graph, planned for exact maximisation (once per problem)."""

@@ -11,6 +11,7 @@ call only fills tables with NumPy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class _Step:
 
 class Eliminator:
     """Plans the elimination of ``len(sizes)`` variables (``sizes[g]`` values each) coupled by
-    ``edges`` (pairs i < j), fewest neighbours first, then maximises sums of tables over them."""
+    ``edges`` (pairs i < j), smallest intermediate table first; then maximises sums of tables
+    over them."""
 
     def __init__(self, sizes: Sequence[int], edges: Sequence[tuple[int, int]]):
         self.sizes = list(sizes)
@@ -50,10 +52,11 @@ class Eliminator:
         active, alive = set(range(len(scopes))), set(range(len(sizes)))
         self.steps: list[_Step] = []
         while alive:
-            var = min(alive, key=lambda v: (len(neighbours[v] & alive), v))
+            var = min(alive, key=lambda v: (math.prod(self.sizes[u] for u in neighbours[v]
+                                                      & alive) * self.sizes[v], v))
             inputs = tuple(sorted(f for f in active if var in scopes[f]))
             scope = tuple(sorted(set().union(*(scopes[f] for f in inputs))))
-            if np.prod([self.sizes[v] for v in scope], dtype=np.float64) > MAX_TABLE:
+            if math.prod(self.sizes[v] for v in scope) > MAX_TABLE:
                 raise ValueError(f"the group graph is too densely coupled to eliminate "
                                  f"(a table over {len(scope)} groups)")
             shapes = tuple(tuple(self.sizes[v] if v in scopes[f] else 1 for v in scope)

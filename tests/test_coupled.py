@@ -11,6 +11,7 @@ import pytest
 from test_planner import SPEC, _table
 
 from pipeline.coupled import Problem, cheapest, network_problem, solve_milp
+from pipeline.coupled_dual import solve
 from pipeline.errors import InfeasibleBudget
 from pipeline.planner import Planner
 
@@ -76,4 +77,26 @@ def test_milp_names_the_minimum_when_nothing_fits() -> None:
     minimum = problem.cost(cheapest(problem))
     with pytest.raises(InfeasibleBudget) as info:
         solve_milp(problem, 0.99 * minimum)
+    assert math.isclose(info.value.minimum, minimum)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_solver_is_feasible_and_its_bound_holds(seed: int) -> None:
+    """Against brute force: within budget, never above the optimum, and the optimum never
+    above its bound (so the certified gap is true)."""
+    problem = random_problem(seed, groups=5)
+    for budget in budgets(problem, 8):
+        optimum = brute(problem, budget)[0]
+        result = solve(problem, budget)
+        assert result.cost <= budget
+        assert result.value == pytest.approx(problem.value(result.keep), rel=1e-12)
+        assert result.value <= optimum + 1e-9 <= result.bound + 2e-9
+        assert 0 <= result.gap < 1
+
+
+def test_fast_solver_names_the_minimum_when_nothing_fits() -> None:
+    problem = random_problem(2)
+    minimum = problem.cost(cheapest(problem))
+    with pytest.raises(InfeasibleBudget) as info:
+        solve(problem, 0.5 * minimum)
     assert math.isclose(info.value.minimum, minimum)

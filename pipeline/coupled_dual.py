@@ -1,0 +1,150 @@
+"""The coupled knapsack's fast solver: Lagrangian relaxation of the budget, with a certified gap.
+
+For a rate λ >= 0 and any choice x within budget B, value(x) <= value(x) + λ (B − cost(x)) <=
+λ B + max_y (value(y) − λ cost(y)) =: L(λ), and the inner maximum has no budget: variable
+elimination over the group graph solves it exactly (:meth:`Problem.relaxed`). L is convex and
+piecewise linear in λ; its minimum is found by the breakpoint search of the dual (the rate
+through the best choices known over and under the budget, until no choice lies above that
+line), a few dozen eliminations. Every relaxed optimum under the budget is feasible; local
+moves (one group's count up or down where it pays and fits) improve the best one. The result
+carries min L as its bound, so ``(bound − value) / bound`` is a certified gap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .coupled import Problem, Result, cheapest, infeasible
+
+#: breakpoint search rounds (each one elimination); it ends far sooner on real networks
+MAX_ROUNDS = 200
+#: choices per group in the coarse problem that brackets the rate before the full one
+COARSE = 8
+#: rate steps (factor, tries) from the coarse optimum to a bracket of the full one
+BRACKET_STEP, BRACKET_TRIES = 1.03, 4
+
+
+def solve(problem: Problem, budget: float) -> Result:
+    """A feasible choice within ``budget`` and an upper bound on the optimum (InfeasibleBudget
+    when even the fastest network is over)."""
+    fastest = cheapest(problem)
+    if problem.cost(fastest) > budget:
+        raise infeasible(problem.cost(fastest), budget)
+    over = np.array([int(np.argmax(v)) for v in problem.values])  # the relaxation at λ = 0
+    if problem.cost(over) <= budget:
+        value = problem.value(over)
+        return Result(over, value, problem.cost(over), value)
+    # a coarse copy (every few counts) brackets the rate cheaply; its choices are choices of the
+    # full problem, but only eliminations of the full problem give valid bounds
+    picks = [np.unique(np.r_[0:len(c):-(-len(c) // COARSE), len(c) - 1]) for c in problem.counts]
+    coarse = problem.restricted(picks)
+    lift = lambda keep: np.array([p[k] for p, k in zip(picks, keep, strict=True)])  # noqa: E731
+    over_c, under_c, _, _ = _search(coarse, budget, np.array([len(p) - 1 for p in picks]),
+                                    cheapest(coarse))
+    rate = (coarse.value(over_c) - coarse.value(under_c)) / (coarse.cost(over_c)
+                                                             - coarse.cost(under_c))
+    over, under = _bracket(problem, budget, rate, lift(over_c),
+                           max((lift(under_c), fastest), key=problem.value))
+    over, under, bound, best = _search(problem, budget, over, under)
+    best = max((improve(problem, best, budget), improve(problem, repair(problem, over, budget),
+                                                        budget)), key=problem.value)
+    return Result(best, problem.value(best), problem.cost(best), max(bound, problem.value(best)))
+
+
+def _bracket(problem: Problem, budget: float, rate: float, over: np.ndarray,
+             under: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relaxed optima of the full problem over and within budget at rates near ``rate`` (the
+    coarse problem's optimum), so the search starts from a tight bracket; ``over`` and
+    ``under`` where none is found in a few tries."""
+    found: dict[bool, np.ndarray] = {}
+    for _ in range(BRACKET_TRIES):
+        x = problem.relaxed(1.0, rate)
+        fits = problem.cost(x) <= budget
+        found.setdefault(fits, x)
+        if len(found) == 2:
+            break
+        rate *= 1 / BRACKET_STEP if fits else BRACKET_STEP
+    return found.get(False, over), found.get(True, under)
+
+
+def _search(problem: Problem, budget: float, over: np.ndarray, under: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """The dual's breakpoint search from a choice over budget and one within it: (the last
+    choices over and within budget, min L over the rates tried, the best choice within budget).
+    """
+    bound, best = np.inf, under
+    for _ in range(MAX_ROUNDS):
+        v_over, c_over = problem.value(over), problem.cost(over)
+        v_under, c_under = problem.value(under), problem.cost(under)
+        if v_under >= v_over:
+            bound = min(bound, v_under)  # then ``under`` is optimal: nothing over is worth more
+            break
+        rate = (v_over - v_under) / (c_over - c_under)
+        x = problem.relaxed(1.0, rate)
+        lagrangian = problem.value(x) - rate * problem.cost(x)
+        bound = min(bound, lagrangian + rate * budget)
+        if lagrangian <= v_over - rate * c_over + 1e-12 * abs(v_over):
+            break  # no choice above the line: rate minimises L
+        if problem.cost(x) <= budget:
+            under = x
+            best = x if problem.value(x) > problem.value(best) else best
+        else:
+            over = x
+    return over, under, bound, best
+
+
+def _moves(problem: Problem, keep: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group g's value and latency at each of its choices, the other groups fixed at ``keep``."""
+    cost = problem.unary[g].copy()
+    for (i, j), table in problem.pairs.items():
+        if i == g:
+            cost += table[:, keep[j]]
+        elif j == g:
+            cost += table[keep[i], :]
+    return problem.values[g], cost
+
+
+def improve(problem: Problem, keep: np.ndarray, budget: float) -> np.ndarray:
+    """Local search within budget: repeatedly take the one-group change gaining the most value
+    per ms added (any gain that saves time first) until none fits."""
+    keep = keep.copy()
+    while True:
+        slack = budget - problem.cost(keep)
+        best: tuple[float, float] = (0.0, 0.0)
+        pick = None
+        for g in range(len(keep)):
+            value, cost = _moves(problem, keep, g)
+            gain, extra = value - value[keep[g]], cost - cost[keep[g]]
+            ok = (gain > 0) & (extra <= slack)
+            if not ok.any():
+                continue
+            score = np.where(ok, np.where(extra > 0, gain / np.maximum(extra, 1e-300), np.inf),
+                             -np.inf)
+            k = int(np.argmax(score))
+            if pick is None or (score[k], gain[k]) > best:
+                best, pick = (score[k], gain[k]), (g, k)
+        if pick is None:
+            return keep
+        keep[pick[0]] = pick[1]
+
+
+def repair(problem: Problem, keep: np.ndarray, budget: float) -> np.ndarray:
+    """A choice over budget brought within it: repeatedly the one-group change losing the least
+    value per ms saved (it ends: the fastest network fits, and every step saves time)."""
+    keep = keep.copy()
+    while problem.cost(keep) > budget:
+        best, pick = np.inf, None
+        for g in range(len(keep)):
+            value, cost = _moves(problem, keep, g)
+            loss, saved = value[keep[g]] - value, cost[keep[g]] - cost
+            ok = saved > 0
+            if not ok.any():
+                continue
+            score = np.where(ok, np.maximum(loss, 0) / np.where(ok, saved, 1), np.inf)
+            k = int(np.argmin(score))
+            if score[k] < best:
+                best, pick = score[k], (g, k)
+        if pick is None:  # cannot happen with exact costs: the fastest choice fits
+            return cheapest(problem)
+        keep[pick[0]] = pick[1]
+    return keep
