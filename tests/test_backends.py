@@ -306,21 +306,45 @@ def test_tensorrt_absent_is_a_clear_backend_unavailable(monkeypatch) -> None:
 
 
 def test_only_the_tensorrt_backend_mentions_tensorrt_or_pycuda() -> None:
-    """The package must import on machines without them (CI, CPU-only hosts)."""
+    """The package must import on machines without them (CI, CPU-only hosts); cuda-python
+    (CUDA graphs for TensorRT timing) likewise."""
     root = Path(pipeline.__file__).parent
     allowed = root / "backends" / "tensorrt.py"
     pattern = re.compile(
-        r"^\s*(import|from)\s+(tensorrt|pycuda)\b|import_module\(\s*[\"'](tensorrt|pycuda)", re.M
+        r"^\s*(import|from)\s+(tensorrt|pycuda|cuda)\b"
+        r"|import_module\(\s*[\"'](tensorrt|pycuda|cuda)\b", re.M
     )
     assert pattern.search("x = 1\n    import pycuda.driver as cuda\n")
+    assert pattern.search('rt = importlib.import_module("cuda.bindings.runtime")')
+    assert not pattern.search("import torch.cuda\n")
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p != allowed and pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
 
 
+def test_tensorrt_versions_other_than_10_and_11_are_refused_clearly() -> None:
+    """TensorRT 11 removed the FP16 builder flag (networks strongly typed), 8.x/9.x lack the
+    10.x API: the backend names what it supports, and the extra's bound agrees."""
+    import tomllib
+
+    from pipeline.backends.tensorrt import SUPPORTED_MAJORS, check_version
+
+    assert check_version("10.3.0.30") == 10 and check_version("11.1.0.7") == 11
+    for version in ("8.5.2.2", "9.3.0.1", "12.0.0", "dev"):
+        with pytest.raises(BackendUnavailable, match=rf"TensorRT {version} is not supported.*"
+                                                     r"10\.x and 11\.x.*tensorrt>=10,<12"):
+            check_version(version)
+    pyproject = Path(pipeline.__file__).parents[1] / "pyproject.toml"
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["tensorrt"]
+    assert f"tensorrt>={min(SUPPORTED_MAJORS)},<{max(SUPPORTED_MAJORS) + 1}" in extra
+
+
+TENSORRT_REASON = ("set HALP_TENSORRT=1 on a machine with TensorRT 10 or 11, pycuda, cuda-python "
+                   "and a GPU")
+
+
 @pytest.mark.tensorrt
-@pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1",
-                    reason="set HALP_TENSORRT=1 on a machine with TensorRT 10, pycuda and a GPU")
+@pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1", reason=TENSORRT_REASON)
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str,
                                           tmp_path: Path) -> None:
@@ -333,7 +357,9 @@ def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str,
     info = backend.describe()
     assert info.kind == "cuda" and re.search(r"-sm\d+$", info.device_key)
     assert "tensorrt" in info.versions and info.threads is None
-    assert info.provider == "TensorRT builder, TF32 on"  # TensorRT's default, not polygraphy's
+    assert info.provider.startswith("TensorRT builder, TF32 on")  # TensorRT's, not polygraphy's
+    assert ("float16 graphs, strongly typed" in info.provider) == (precision == "fp16")
+    assert info.provider.endswith("timed as CUDA graphs") == ("cuda_python" in info.versions)
     assert np.isfinite(backend.time_module(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 16, 16))
                        .median_ms)
     # a plan TensorRT cannot load (another version's, or not a plan) is a clear error
@@ -341,3 +367,47 @@ def test_tensorrt_times_a_layer_and_a_plan(conv: LayerSpec, precision: str,
     foreign.write_bytes(plan.read_bytes()[: plan.stat().st_size // 2])
     with pytest.raises(HalpError, match="rebuild it with `halp engine`"):
         backend.engine_timer(foreign, {"x": layer_input(conv, 8)})
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1", reason=TENSORRT_REASON)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engines_take_the_graph_types_and_time_as_cuda_graphs(
+        conv: LayerSpec, precision: str, tmp_path: Path) -> None:
+    """fp16 engines have float16 inputs and outputs (no conversion at their edges, on 10.x as
+    on 11.x); a CUDA graph of k enqueues is captured once per k and computes what direct
+    enqueues compute, which compute the layer."""
+    import onnxruntime as ort
+    import tensorrt as trt
+
+    from pipeline.backends.tensorrt import _Bindings, _cuda, _cudart
+
+    backend = get_backend("tensorrt", precision, **FAST)
+    model = layer_model(conv, 8, 16)
+    engine = backend.loaders.engine_from_bytes(
+        backend.build_engine(model, tmp_path, "layer").read_bytes())
+    dtype = trt.DataType.HALF if precision == "fp16" else trt.DataType.FLOAT
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    assert {engine.get_tensor_dtype(n) for n in names} == {dtype}
+    x = layer_input(conv, 8)
+    bindings = _Bindings(engine, {"x": x})
+
+    def output() -> np.ndarray:
+        bindings.stream.synchronize()
+        host = np.empty(tuple(engine.get_tensor_shape("y")), trt.nptype(dtype))
+        _cuda().memcpy_dtoh(host, bindings.buffers[names.index("y")])
+        return host
+
+    graphed = bindings.timer()
+    assert all(graphed(k) > 0 for k in (1, 4, 1, 4))
+    if _cudart() is not None:
+        assert bindings.graphs is not None and sorted(bindings.graphs.execs) == [1, 4]
+    out_graph = output()
+    plain = bindings.timer(graphs=False)
+    assert plain(3) > 0 and bindings.graphs is None
+    out_plain = output()
+    np.testing.assert_allclose(out_graph, out_plain, rtol=1e-3, atol=1e-3)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(["y"], {"x": x})[0]
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(out_plain.astype(np.float32), want, rtol=2e-2, atol=1e-2 * scale)
