@@ -18,19 +18,23 @@ FROM ${BASE}
 
 # Extra index for torch/torchvision (Jetson: NVIDIA's wheels); empty means PyPI.
 ARG TORCH_INDEX=""
+# cuda-python times layers as CUDA graphs; its major must match the image's CUDA (12.x in the
+# 24.10 TensorRT image and in JetPack 6; use "cuda-python>=13,<14" on a CUDA 13 image).
+ARG CUDA_PYTHON="cuda-python>=12,<13"
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 
 WORKDIR /opt/halp
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 
-# TensorRT's Python bindings come from the base image (never from pip here), so only pycuda is
-# added on top; torch comes from TORCH_INDEX when given.
+# TensorRT's Python bindings come from the base image (never from pip here; the backend takes
+# TensorRT 10.x and 11.x), so only pycuda and cuda-python are added on top; torch comes from
+# TORCH_INDEX when given.
 RUN python3 -m pip install --upgrade pip \
  && if [ -n "$TORCH_INDEX" ]; then \
         python3 -m pip install --extra-index-url "$TORCH_INDEX" torch torchvision; \
     fi \
- && python3 -m pip install pycuda . \
+ && python3 -m pip install pycuda "$CUDA_PYTHON" . \
  && python3 -c "import tensorrt, pipeline; print('TensorRT', tensorrt.__version__)"
 
 WORKDIR /work

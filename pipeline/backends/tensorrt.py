@@ -18,8 +18,10 @@ list no FP16 flag; every network is strongly typed and ``NetworkDefinitionCreati
 fails there ("fp16 in CreateConfig is not available"). An fp16 engine is built from the graph
 converted to float16 end to end (:mod:`pipeline.onnx_fp16`: fp16 inputs and outputs, as inside
 a network, so no engine pays conversions at its edges), strongly typed on 10.x too (where
-``STRONGLY_TYPED`` is a real flag and the FP16 builder flag must then stay off: TensorRT
-rejects the pair), so 10.x and 11.x time the same kernels' precision.
+``STRONGLY_TYPED`` is a real flag and the FP16 builder flag must then stay off: the builder
+rejects the pair with "condition: !config.getFlag(BuilderFlag::kFP16)", and trtexec 10.3 drops
+``--fp16`` under ``--stronglyTyped`` while keeping TF32, ``samples/common/sampleOptions.cpp``),
+so 10.x and 11.x time the same precision.
 """
 
 from __future__ import annotations
@@ -170,8 +172,9 @@ class _CaptureFailed(Exception):
 
 
 def _cudart() -> ModuleType | None:
-    """cuda-python's CUDA runtime bindings (``cuda.bindings.runtime`` since 12.6.1 / 12.8,
-    ``cuda.cudart`` before, gone in 13), or None when cuda-python is not installed."""
+    """cuda-python's CUDA runtime bindings (``cuda.bindings.runtime``; older releases only have
+    ``cuda.cudart``, which newer ones deprecate and cuda-bindings 13 no longer ships), or None
+    when cuda-python is not installed."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)
