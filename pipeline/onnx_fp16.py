@@ -101,7 +101,7 @@ def _float_types(model: onnx.ModelProto) -> dict[str, int]:
         inferred = model.graph
     types = {v.name: v.type.tensor_type.elem_type
              for v in itertools.chain(inferred.input, inferred.output, inferred.value_info)}
-    types |= {t.name: t.data_type for t in model.graph.initializer}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     for node in model.graph.node:  # Constants of a float value_float(s): typed here too
         if node.op_type == "Constant":
             for attr in node.attribute:
