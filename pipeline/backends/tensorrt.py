@@ -61,8 +61,10 @@ INSTALL_HINT = (
 
 def check_version(version: str) -> int:
     """The major version of TensorRT ``version``; BackendUnavailable outside
-    :data:`SUPPORTED_MAJORS` (8.x/9.x lack the 10.x API used here; a future major may drop
-    what 11 only deprecated, e.g. ``STRONGLY_TYPED``)."""
+    :data:`SUPPORTED_MAJORS`. 8.x has no strongly typed networks (``kSTRONGLY_TYPED`` first
+    appears in 9.1's ``NvInfer.h``), so its fp16 would need the builder flag this backend no
+    longer sets; 9.x never shipped for Jetson and is untested; a future major may remove what
+    11 only deprecated (``STRONGLY_TYPED``, which polygraphy's ``strongly_typed`` reads)."""
     try:
         major = int(version.split(".")[0])
     except ValueError:
