@@ -28,6 +28,7 @@ BACKENDS = tuple(backends.BACKENDS)
 #: modules (and torch) to find them, too slow for argument checks; a test keeps the two in step
 DEPLOY_BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = tuple(p.value for p in kinds.Precision)
+SOLVERS = tuple(s.value for s in kinds.Solver)
 
 _SHAPE = re.compile(r"^\d+(x\d+)+$")
 
@@ -191,6 +192,9 @@ class PruneConfig:
     epochs: int = option(6, "HALP fine-tuning epochs (pruning steps in their first part, "
                          "recovery in the rest)", check=at_least(1))
     steps: int = option(10, "pruning steps", check=at_least(1))
+    solver: str = option("coupled", "knapsack solver: coupled (every layer at its true "
+                         "cin/cout; never worse than decoupled), decoupled (HALP's), highs "
+                         "(the coupled MILP, slow reference)", choices=SOLVERS)
     lr: float = option(0.05, "baseline learning rate", check=positive)
     finetune_lr: float = option(0.01, "fine-tuning learning rate", check=positive)
     batch_size: int = option(64, "training batch size", check=at_least(1))

@@ -14,9 +14,10 @@ Two exact solvers:
   per group choice and, per coupled pair of groups, a [0, 1] variable per pair of choices whose
   row and column sums equal the two groups' binaries, so it is their product wherever the
   binaries are integral (an exact linearisation).
-- :func:`solve`, the fast path (:mod:`pipeline.coupled_dual`): Lagrangian relaxation of the
-  budget, each relaxed problem solved exactly by variable elimination over the group graph.
-  It returns a feasible choice and an upper bound on the optimum, hence a certified gap.
+- :func:`pipeline.coupled_dual.solve`, the fast path: Lagrangian relaxation of the budget,
+  each relaxed problem solved exactly by variable elimination over the group graph
+  (:mod:`pipeline.group_graph`). It returns a feasible choice and an upper bound on the
+  optimum, hence a certified gap.
 """
 
 from __future__ import annotations
@@ -107,15 +108,21 @@ class Result:
 
 
 def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, np.ndarray],
-                    values: Mapping[int, np.ndarray]) -> Problem:
+                    values: Mapping[int, np.ndarray], *,
+                    prices: dict[tuple[str, int, int], float] | None = None) -> Problem:
     """The coupled problem of ``spec`` priced by ``lut``: group ``g`` (keys of ``counts``, in
-    order) may keep ``counts[g][k]`` channels, worth ``values[g][k]``; other groups stay dense."""
+    order) may keep ``counts[g][k]`` channels, worth ``values[g][k]``; other groups stay dense.
+
+    ``prices`` caches table queries by (signature, cin, cout) across calls (a table interpolates
+    most of the tens of thousands of points a ResNet-50 asks for: about a second the first time).
+    """
     keys = list(counts)
     position = {g: i for i, g in enumerate(keys)}
     options = [np.asarray(c, dtype=np.int64) for c in counts.values()]
     unary = [np.zeros(len(c)) for c in options]
     pairs: dict[tuple[int, int], np.ndarray] = {}
     constant = lut.constant_ms or 0.0
+    prices = {} if prices is None else prices  # layers of one signature share entries
     for layer in spec.layers:
         touched = sorted({position[g] for g, _ in layer.in_sources if g in position}
                          | ({position[layer.out_group]} if layer.out_group in position else set()))
@@ -125,8 +132,13 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
                             "solver='decoupled'")
         groups = [keys[i] for i in touched]
 
-        def price(*chosen: int, layer: LayerSpec = layer, groups: list[int] = groups) -> float:
-            return lut.latency(layer, *layer.dims(dict(zip(groups, chosen, strict=True))))
+        def price(*chosen: int, layer: LayerSpec = layer, groups: list[int] = groups,
+                  signature: str = layer.signature) -> float:
+            dims = layer.dims(dict(zip(groups, chosen, strict=True)))
+            key = (signature, *dims)
+            if key not in prices:
+                prices[key] = lut.latency(layer, *dims)
+            return prices[key]
 
         if not touched:
             constant += price()

@@ -5,9 +5,11 @@ For a rate λ >= 0 and any choice x within budget B, value(x) <= value(x) + λ (
 elimination over the group graph solves it exactly (:meth:`Problem.relaxed`). L is convex and
 piecewise linear in λ; its minimum is found by the breakpoint search of the dual (the rate
 through the best choices known over and under the budget, until no choice lies above that
-line), a few dozen eliminations. Every relaxed optimum under the budget is feasible; local
-moves (one group's count up or down where it pays and fits) improve the best one. The result
-carries min L as its bound, so ``(bound − value) / bound`` is a certified gap.
+line). The search runs first on a coarse copy (a few counts per group, tables a hundredth the
+size), whose rate brackets the full problem's in a few eliminations. Every relaxed optimum
+under the budget is feasible; local moves (one group's count changed where it pays and fits)
+improve the best one, and repair the last one over budget. The result carries min L over the
+full problem's eliminations as its bound, so ``(bound − value) / bound`` is a certified gap.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The closed vocabularies shared across the package: layer ops, precisions, device kinds and
-timing statistics.
+"""The closed vocabularies shared across the package: layer ops, precisions, device kinds,
+timing statistics and knapsack solvers.
 
 They are written into tables, journals and specs as plain strings, so each is a string enum:
 a member compares, hashes, formats and serializes as its value, and files stay as they were.
@@ -52,3 +52,11 @@ class Statistic(Name):
 
     MEDIAN = "median"
     P10 = "p10"
+
+
+class Solver(Name):
+    """How the planner picks channel counts (:mod:`pipeline.planner`)."""
+
+    COUPLED = "coupled"  # every layer at its true (cin, cout); never worse than DECOUPLED
+    DECOUPLED = "decoupled"  # HALP's: inputs at today's counts, then tightened
+    HIGHS = "highs"  # the coupled problem as a MILP for HiGHS: the slow exact reference

@@ -7,9 +7,17 @@ prediction, the greedy fallback, and the feasible minimum. Plain data in and out
 pruner, `halp verify` and tests share one implementation and can use it without a model.
 
 Formulation (DESIGN.md, "Knapsack"): channels of group g are ranked best first; keeping
-``c`` of them is worth the saliency of the best ``c`` and costs the layers producing g at
-(today's input count, c). One step picks one count per group; the result is re-predicted with
-every layer's true (cin, cout) and the budget tightened until the prediction fits.
+``c`` of them is worth the saliency of the best ``c``. Two solvers pick one count per group:
+
+- ``"coupled"`` (default): each layer costs its table entry at (cin from its input group's
+  choice, cout from its output group's), so the step optimises the true prediction
+  (:mod:`pipeline.coupled`, solved by :mod:`pipeline.coupled_dual` with a certified gap). The
+  decoupled answer is computed too and kept when it is worth more within the budget, so
+  ``"coupled"`` is never worse.
+- ``"decoupled"`` (HALP's): the layers producing g cost (today's input count, c); the result
+  is re-predicted with every layer's true (cin, cout) and the budget tightened until the
+  prediction fits. One big step over-prunes; the pruner's schedule takes small ones.
+- ``"highs"``: the coupled problem solved exactly as a MILP by HiGHS (the reference; seconds).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import coupled, coupled_dual
 from .errors import HalpError, InfeasibleBudget
+from .kinds import Solver
 from .knapsack import solve as solve_knapsack
 from .spec import NetworkSpec
 
@@ -35,6 +45,8 @@ if TYPE_CHECKING:  # only its methods are called: keeps this module free of torc
 DEFAULT_UNIT = 8
 #: re-solves with a tightened budget before the greedy fallback takes over
 MAX_TIGHTEN = 12
+#: the solvers :meth:`Planner.solve` takes (module docstring)
+SOLVERS = tuple(s.value for s in Solver)
 
 Scores = Mapping[int, Sequence[float] | np.ndarray]
 Kept = Mapping[int, Sequence[int] | np.ndarray]
@@ -46,10 +58,11 @@ class Plan:
 
     ``counts`` and ``keep`` (sorted channel indices) per sizable group; ``predicted_ms`` is the
     whole network with every layer at its true (cin, cout); ``value`` the saliency kept.
-    ``method`` says how the last step got within budget: ``"exact"`` (the first knapsack
-    solution fitted), ``"tightened"`` (after re-solving under a lower budget), ``"greedy"``
-    (the fallback) or ``"unchanged"`` (nothing smaller fits: only a table pricing smaller layers
-    higher gets there).
+    ``method`` says how the last step got within budget: ``"coupled"`` (the coupled optimum,
+    within ``gap`` of it), ``"exact"`` (the first decoupled knapsack solution fitted),
+    ``"tightened"`` (after re-solving under a lower budget), ``"greedy"`` (the fallback) or
+    ``"unchanged"`` (nothing smaller fits: only a table pricing smaller layers higher gets
+    there). ``gap`` is the last coupled step's certified gap (None when decoupled won).
     """
 
     counts: dict[int, int]
@@ -57,6 +70,7 @@ class Plan:
     predicted_ms: float
     value: float
     method: str
+    gap: float | None = None
 
 
 class Planner:
@@ -82,6 +96,7 @@ class Planner:
         self._charged = {g: [la for la in spec.layers if la.out_group == g] for g in self.groups}
         self._touching = {g: [la for la in spec.layers if la.out_group == g
                               or any(s == g for s, _ in la.in_sources)] for g in self.groups}
+        self._prices: dict[tuple[str, int, int], float] = {}  # the coupled solver's queries
         #: prediction of the dense network
         self.dense_ms = self.predict()
         smallest = self.predict({g: int(c[1]) for g, c in self._choices.items()})
@@ -128,26 +143,56 @@ class Planner:
             [float(target_ms)]
 
     def solve(self, saliency: Scores, budget_ms: float, *, keep: Kept | None = None,
-              steps: int = 1) -> Plan:
+              steps: int = 1, solver: str = "coupled") -> Plan:
         """The architecture ``steps`` knapsack steps on the schedule reach, from ``keep``
         (kept channel indices per group; default: all) down to ``budget_ms``.
 
         Channels never re-grow: counts stay at most ``len(keep[g])`` and channels outside
-        ``keep`` rank last. One big step prices every layer at today's input counts and so
-        over-prunes; several small steps track the real network, as the pruner's schedule does.
+        ``keep`` rank last. ``solver`` is one of :data:`SOLVERS`: the decoupled knapsack
+        prices every layer at today's input counts and so over-prunes in one big step; the
+        coupled ones price the true network in any step.
         """
+        check_solver(solver)
         self.check_target(budget_ms)
         kept = {g: np.asarray(keep[g], dtype=np.int64) if keep is not None and g in keep
                 else np.arange(self.spec.group(g).channels) for g in self.groups}
         order, gains = self._ranked(saliency, kept)
         counts = {g: len(k) for g, k in kept.items()}
-        method = "exact"
+        method, gap = "exact", None
         for budget in self.schedule(budget_ms, steps, start_ms=self.predict(counts)):
-            counts, method = self._step(budget, gains, counts)
+            step, method = self._step(budget, gains, counts)
+            gap = None
+            if solver != "decoupled":
+                found = self._coupled(budget, gains, counts, solver)
+                if found is not None and self.predict(found[0]) <= budget and (
+                        self.predict(step) > budget or _value(gains, found[0]) > _value(gains,
+                                                                                        step)):
+                    step, method, gap = found[0], "coupled", found[1]
+            counts = step
         return Plan(counts=counts, keep={g: np.sort(order[g][:c]) for g, c in counts.items()},
-                    predicted_ms=self.predict(counts),
-                    value=math.fsum(float(gains[g][c]) for g, c in counts.items()),
-                    method=method)
+                    predicted_ms=self.predict(counts), value=_value(gains, counts),
+                    method=method, gap=gap)
+
+    def _coupled(self, budget: float, gains: Mapping[int, np.ndarray],
+                 current: Mapping[int, int], solver: str) -> tuple[dict[int, int], float] | None:
+        """Counts within ``budget`` by the coupled knapsack (never above ``current``) and the
+        certified gap; None when nothing smaller than ``current`` fits."""
+        allowed = {g: self._allowed(g, current[g])[1:] for g in self.groups}
+        problem = coupled.network_problem(self.spec, self.lut, allowed,
+                                          {g: gains[g][c] for g, c in allowed.items()},
+                                          prices=self._prices)
+        try:
+            result = (coupled.solve_milp if solver == "highs" else coupled_dual.solve)(
+                problem, budget)
+        except InfeasibleBudget:
+            return None
+        counts = {g: int(c[k]) for (g, c), k in zip(allowed.items(), result.keep, strict=True)}
+        return counts, result.gap
+
+    def _allowed(self, g: int, current: int) -> np.ndarray:
+        """Group g's counts up to ``current`` (which is one of them), from 0."""
+        c = self._choices[g]
+        return np.union1d(c[c <= current], [current])
 
     def _ranked(self, saliency: Scores, kept: Mapping[int, np.ndarray]
                 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
@@ -170,8 +215,7 @@ class Planner:
               current: Mapping[int, int]) -> tuple[dict[int, int], str]:
         """Counts within ``budget`` by true prediction, maximising kept saliency, never above
         ``current``; and the method that found them (:class:`Plan`)."""
-        allowed = {g: np.union1d(c[c <= current[g]], [current[g]])
-                   for g, c in self._choices.items()}
+        allowed = {g: self._allowed(g, current[g]) for g in self.groups}
         values = [gains[g][allowed[g]] for g in self.groups]
         costs = [self._costs(g, allowed[g], current) for g in self.groups]
         # everything not charged to a group (its layers at today's counts, the constant)
@@ -230,6 +274,20 @@ class Planner:
                 break
             counts[best[2]] = best[3]
         return counts
+
+
+def check_solver(solver: str) -> str:
+    """``solver`` when it is one of :data:`SOLVERS`, else HalpError listing them."""
+    if solver not in SOLVERS:
+        raise HalpError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}: 'coupled' "
+                        "prices every layer at its true (cin, cout) (default), 'decoupled' is "
+                        "HALP's knapsack, 'highs' the coupled problem as a MILP (slow reference)")
+    return solver
+
+
+def _value(gains: Mapping[int, np.ndarray], counts: Mapping[int, int]) -> float:
+    """Saliency kept by ``counts``."""
+    return math.fsum(float(gains[g][c]) for g, c in counts.items())
 
 
 def positive_int(name: str, value: object) -> int:

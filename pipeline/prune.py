@@ -163,7 +163,7 @@ def _target_text(cfg: PruneConfig) -> str:
 #: afresh instead of resuming a checkpoint that belongs to another configuration
 BASELINE_SETTINGS = ("model", "data", "input_shape", "baseline_epochs", "lr", "batch_size", "seed")
 FINETUNE_SETTINGS = (*BASELINE_SETTINGS, "checkpoint", "target", "target_ms", "epochs", "steps",
-                     "finetune_lr")
+                     "solver", "finetune_lr")
 
 
 def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
@@ -225,7 +225,8 @@ def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTabl
            interval: int, out: Path, log: Callable[[str], Any]) -> HalpPruner:
     def pruner_for(target: float | None, target_ms: float | None) -> HalpPruner:
         return HalpPruner(model, x, lut, target=None if target_ms else target,
-                          target_ms=target_ms, steps=cfg.steps, interval=interval, log=log)
+                          target_ms=target_ms, steps=cfg.steps, interval=interval,
+                          solver=cfg.solver, log=log)
 
     try:
         pruner = pruner_for(cfg.target, cfg.target_ms)

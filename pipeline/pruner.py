@@ -38,7 +38,7 @@ from torch import nn
 from .errors import HalpError
 from .importance import TaylorSaliency, comm_device
 from .lut import LatencyTable
-from .planner import Planner, positive_int
+from .planner import Planner, check_solver, positive_int
 from .slim import MaskEntries, mask_entries, mask_plan, slim, zero_entries
 from .structure import trace
 
@@ -76,8 +76,10 @@ class HalpPruner:
     an absolute budget; give exactly one. ``unit`` is channels per pruning unit (an int, or
     {group id: int} over the default: the LUT's grid step, else 8). The stem (first layer run
     on the input) and the classifier output are never pruned; ``ignore`` names more layers to
-    leave alone. Every decision comes from :attr:`planner` (a model-free
-    :class:`~pipeline.planner.Planner`); the pruner keeps saliency, masks and the schedule.
+    leave alone. ``solver`` is the planner's knapsack (:data:`~pipeline.planner.SOLVERS`;
+    default ``"coupled"``: every layer at its true (cin, cout)). Every decision comes from
+    :attr:`planner` (a model-free :class:`~pipeline.planner.Planner`); the pruner keeps
+    saliency, masks and the schedule.
     """
 
     def __init__(
@@ -91,12 +93,14 @@ class HalpPruner:
         steps: int = 30,
         interval: int = 40,
         unit: int | Mapping[int, int] | None = None,
+        solver: str = "coupled",
         ignore: Iterable[str | nn.Module] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         log: Callable[[str], Any] = _log.info,
     ):
         _check_targets(target, target_ms)
         self.steps, self.interval = positive_int("steps", steps), positive_int("interval", interval)
+        self.solver = check_solver(solver)
         self.model = _unwrap(model)
         self.example_input, self.lut, self._log = example_input, lut, log
         analysis = trace(self.model, example_input, ignore=ignore, ignore_stem=True)
@@ -199,7 +203,7 @@ class HalpPruner:
         self._saliency.reset()
         budget = self._budgets[self._step]
         plan = self.planner.solve({g: mean[g].numpy() for g in self.planner.groups}, budget,
-                                  keep=self._keep)
+                                  keep=self._keep, solver=self.solver)
         if plan.method == "unchanged":
             self._log(f"HALP step {self._step + 1}/{self.steps}: no smaller network fits "
                       f"{budget:.4g} ms in this LUT; keeping the current channels")

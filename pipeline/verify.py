@@ -1,11 +1,11 @@
 """Predicted-vs-measured latency regression: does the LUT still tell the truth on this device?
 
-Samples pruned architectures (random per-group keep fractions in unit steps, plus knapsack
-solutions at several targets), slims a copy of the model to each, measures it on the LUT's own
-backend and compares with the LUT's prediction. The calibration is re-fitted on reference
-networks measured in the same run, so the check is about the table's per-layer entries and not
-about how fast the machine happens to be today (a shared CPU changes speed by tens of percent
-over minutes):
+Samples pruned architectures (random per-group keep fractions in unit steps, plus coupled and
+decoupled knapsack solutions at several targets), slims a copy of the model to each, measures
+it on the LUT's own backend and compares with the LUT's prediction. The calibration is re-fitted
+on reference networks measured in the same run, so the check is about the table's per-layer
+entries and not about how fast the machine happens to be today (a shared CPU changes speed by
+tens of percent over minutes):
 
 - ``affine`` (default): scale and constant through the dense network and its half-width copy,
   as ``halp lut build`` calibrates (:mod:`pipeline.calibration`);
@@ -38,13 +38,14 @@ from .spec import NetworkSpec
 from .structure import trace
 
 KNAPSACK_TARGETS = (0.35, 0.5, 0.65, 0.8)
-#: knapsack steps per planned architecture (HALP prunes in many small steps, not one)
-PLAN_STEPS = 8
+#: (solver, knapsack steps) per planned architecture: the coupled knapsack in one step, and
+#: HALP's decoupled one in many small steps, as the pruner's schedule takes them
+PLANS = (("coupled", 1), ("decoupled", 8))
 
 
 @dataclass
 class Sample:
-    kind: str  # "dense", "random" or "knapsack@<target>"
+    kind: str  # "dense", "random", "coupled@<target>" or "decoupled@<target>"
     counts: dict[int, int]
     predicted_ms: float
     measured_ms: float
@@ -137,13 +138,16 @@ def weight_saliency(model: nn.Module, spec: NetworkSpec, groups: Sequence[int]) 
 
 def _architectures(model: nn.Module, planner: Planner, samples: int,
                    seed: int) -> list[tuple[str, dict[int, int]]]:
-    """``samples`` architectures to measure, as (kind, counts): knapsack plans at the feasible
-    KNAPSACK_TARGETS (a third of the samples at most) and random ones for the rest."""
+    """``samples`` architectures to measure, as (kind, counts): each solver's plans (PLANS) at
+    the feasible KNAPSACK_TARGETS (a third of the samples at most) and random ones for the
+    rest."""
     dense = planner.dense_ms
-    targets = [t for t in KNAPSACK_TARGETS if t * dense >= planner.minimum_ms][:samples // 3]
+    plans = [(solver, steps, t) for t in KNAPSACK_TARGETS if t * dense >= planner.minimum_ms
+             for solver, steps in PLANS][:samples // 3]
     saliency = weight_saliency(model, planner.spec, planner.groups)
-    chosen = [(f"knapsack@{t}", planner.solve(saliency, t * dense, steps=PLAN_STEPS).counts)
-              for t in targets]
+    chosen = [(f"{solver}@{t}",
+               planner.solve(saliency, t * dense, steps=steps, solver=solver).counts)
+              for solver, steps, t in plans]
     rng = np.random.default_rng(seed)
     return chosen + [("random", random_counts(planner, rng)) for _ in range(samples - len(chosen))]
 

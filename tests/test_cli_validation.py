@@ -74,6 +74,8 @@ CASES = {
     "prune out is a file": ((*PRUNE, "--out", "{file}"), "is a file"),
     "prune epochs": ((*PRUNE, "--out", "{folder}/o", "--epochs", "0"), "at least 1"),
     "prune lr": ((*PRUNE, "--out", "{folder}/o", "--lr", "nan"), "finite"),
+    "prune solver": ((*PRUNE, "--out", "{folder}/o", "--solver", "exact"),
+                     "must be one of coupled, decoupled, highs, not 'exact'"),
     "prune saved model": (("prune", "--model", "{missing}.pt", "--data", "digits", "--input",
                            "1x3x32x32", "--out", "{folder}/o"), "does not exist"),
     "demo out is a file": (("demo", "--out", "{file}"), "is a file"),

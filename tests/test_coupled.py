@@ -3,17 +3,21 @@ and HiGHS."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import numpy as np
 import pytest
+from _tables import mac_table
 from test_planner import SPEC, _table
 
 from pipeline.coupled import Problem, cheapest, network_problem, solve_milp
 from pipeline.coupled_dual import solve
 from pipeline.errors import InfeasibleBudget
+from pipeline.lut import LatencyTable
 from pipeline.planner import Planner
+from pipeline.spec import NetworkSpec
 
 
 def random_problem(seed: int, groups: int = 4, choices: int = 4) -> Problem:
@@ -100,3 +104,37 @@ def test_fast_solver_names_the_minimum_when_nothing_fits() -> None:
     with pytest.raises(InfeasibleBudget) as info:
         solve(problem, 0.5 * minimum)
     assert math.isclose(info.value.minimum, minimum)
+
+
+@functools.cache
+def resnet18_table() -> tuple[NetworkSpec, LatencyTable]:
+    """torchvision's resnet18 as analyze() sees it, with a MAC-priced LatencyTable."""
+    import torch
+    import torchvision
+
+    from pipeline.structure import analyze
+
+    torch.manual_seed(0)
+    spec = analyze(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32),
+                   name="resnet18")
+    return spec, mac_table(spec)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_solver_matches_highs_on_a_real_network(seed: int) -> None:
+    spec, table = resnet18_table()
+    planner = Planner(spec, table, unit=16)
+    rng = np.random.default_rng(seed)
+    counts = {g: c[1:] for g, c in planner.choices.items()}
+    values = {}
+    for g, c in counts.items():
+        scores = np.sort(np.abs(rng.standard_normal(spec.group(g).channels)))[::-1]
+        values[g] = np.cumsum(scores * rng.uniform(0.2, 5))[c - 1]
+    problem = network_problem(spec, table, counts, values)
+    for fraction in (0.8, 0.4, 0.1):
+        budget = planner.minimum_ms + fraction * (planner.dense_ms - planner.minimum_ms)
+        fast, exact = solve(problem, budget), solve_milp(problem, budget)
+        assert fast.cost <= budget and exact.cost <= budget
+        assert fast.value <= exact.bound * (1 + 1e-9)
+        assert exact.value <= fast.bound * (1 + 1e-9)
+        assert fast.gap <= 1e-2

@@ -155,7 +155,7 @@ def test_tightening_and_greedy_fallback_when_pruning_an_input_costs_time() -> No
     planner = Planner(SPEC, _table({"head": lambda cin, cout: 0.01 + 3e-4 * (64 - cin)}))
     methods = set()
     for budget in np.linspace(planner.minimum_ms, planner.dense_ms, 25):
-        result = planner.solve(_saliency(), budget)
+        result = planner.solve(_saliency(), budget, solver="decoupled")
         assert result.predicted_ms <= budget
         assert result.predicted_ms == planner.predict(result.counts)
         methods.add(result.method)
@@ -188,6 +188,45 @@ def test_steps_and_kept_channels_never_regrow() -> None:
 def test_saliency_is_checked(saliency: dict[int, np.ndarray], match: str) -> None:
     with pytest.raises(HalpError, match=match):
         Planner(SPEC, _table()).solve(saliency, 1.0)
+
+
+def _best(planner: Planner, saliency: dict[int, np.ndarray], budget: float) -> float:
+    """The best value within ``budget`` by true prediction, by enumeration."""
+    ranked = {g: np.concatenate(([0.0], np.cumsum(np.sort(s)[::-1]))) for g, s in saliency.items()}
+    return max(ranked[0][a] + ranked[1][b] for a in range(8, 33, 8) for b in range(8, 49, 8)
+               if planner.predict({0: a, 1: b}) <= budget)
+
+
+@pytest.mark.parametrize("prices", [None, {"head": lambda cin, cout: 0.01 + 3e-4 * (64 - cin)},
+                                    {"mid": lambda cin, cout: 0.002 * cin * cout / 64}])
+def test_coupled_is_optimal_and_never_below_decoupled(prices: dict[str, Price] | None) -> None:
+    """The default solver prices the true network: the optimum within the budget (to its
+    certified gap), at least the decoupled value, and HiGHS agrees."""
+    planner = Planner(SPEC, _table(prices))
+    saliency = _saliency(3)
+    for budget in np.linspace(planner.minimum_ms, planner.dense_ms, 12):
+        best = _best(planner, saliency, budget)
+        result = planner.solve(saliency, budget)
+        decoupled = planner.solve(saliency, budget, solver="decoupled")
+        assert result.predicted_ms <= budget
+        assert result.value >= decoupled.value
+        assert best * (1 - (result.gap or 0)) - 1e-9 <= result.value <= best + 1e-9
+        highs = planner.solve(saliency, budget, solver="highs")
+        assert highs.predicted_ms <= budget and highs.value == pytest.approx(best, rel=1e-6)
+
+
+def test_coupled_steps_track_the_schedule_and_never_regrow() -> None:
+    planner = Planner(SPEC, _table())
+    keep = {0: np.arange(0, 32, 2), 1: np.arange(24)}
+    budget = (planner.minimum_ms + planner.predict({0: 16, 1: 24})) / 2
+    result = planner.solve(_saliency(), budget, keep=keep, steps=3)
+    assert result.predicted_ms <= budget
+    assert all(set(k.tolist()) <= set(keep[g].tolist()) for g, k in result.keep.items())
+
+
+def test_unknown_solver_is_refused() -> None:
+    with pytest.raises(HalpError, match="solver 'exact' is not one of coupled, decoupled, highs"):
+        Planner(SPEC, _table()).solve(_saliency(), 1.0, solver="exact")
 
 
 def test_planner_imports_without_torch() -> None:

@@ -216,6 +216,12 @@ def test_arguments_are_checked(kwargs: dict, match: str) -> None:
         HalpPruner(make_model("resnet18"), torch.randn(*INPUT), _lut("resnet18"), **kwargs)
 
 
+def test_unknown_solver_is_refused_before_any_work() -> None:
+    with pytest.raises(HalpError, match="solver 'exact' is not one of coupled, decoupled"):
+        HalpPruner(make_model("small"), torch.randn(*INPUT), LatencyTable({}, {}), target=0.5,
+                   solver="exact")
+
+
 @pytest.mark.slow
 def test_distributed_ranks_end_with_identical_masks(tmp_path) -> None:
     path = lut_path("small")

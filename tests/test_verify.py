@@ -12,12 +12,31 @@ import pytest
 import scipy.stats
 import torch
 from _pruner_support import INPUT, lut_path, make_model
+from _tables import mac_table
 
 from pipeline.backends import get_backend
 from pipeline.cli import main
 from pipeline.errors import LutMismatch
 from pipeline.lut import LatencyTable
-from pipeline.verify import spearman, verify
+from pipeline.planner import Planner
+from pipeline.structure import trace
+from pipeline.verify import KNAPSACK_TARGETS, _architectures, spearman, verify
+
+
+def test_planned_samples_include_coupled_and_decoupled_solutions() -> None:
+    """Each feasible target gets a one-step coupled plan and a multi-step decoupled one, both
+    within the target by the table's own prediction (a MAC-priced table: nothing is timed)."""
+    model = make_model("resnet18")
+    spec = trace(model, torch.randn(*INPUT), ignore_stem=True).spec
+    planner = Planner(spec, mac_table(spec))
+    chosen = _architectures(model, planner, 12, seed=0)
+    planned = [(kind, counts) for kind, counts in chosen if kind != "random"]
+    feasible = [t for t in KNAPSACK_TARGETS if t * planner.dense_ms >= planner.minimum_ms]
+    assert [kind for kind, _ in planned] == [f"{s}@{t}" for t in feasible
+                                             for s in ("coupled", "decoupled")][:4]
+    for kind, counts in planned:
+        assert planner.predict(counts) <= float(kind.split("@")[1]) * planner.dense_ms
+    assert len(chosen) == 12
 
 
 def test_spearman_matches_scipy() -> None:
