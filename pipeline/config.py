@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -21,7 +22,7 @@ from .errors import ConfigError, ShapeError
 
 #: a check takes a parsed value and raises ConfigError saying what is wrong with it; the
 #: message reads after the setting's name ("--samples must be at least 2, not 1")
-Check = Callable[[Any], None]
+Check = typing.Callable[[Any], None]
 
 BACKENDS = tuple(backends.BACKENDS)
 #: the backends with an engine format: :func:`pipeline.backends.engine_builders` imports their

@@ -8,10 +8,11 @@ torch). An op is a plain dict, as documented there.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 from typing import Any
 
-Op = dict[str, Any]
+Op = typing.Dict[str, Any]
 
 #: the activations a layer or a context op may apply, by the names specs and tables use
 ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid")
@@ -38,8 +39,7 @@ def _pooled(hw: Sequence[int], op: Op) -> tuple[int, ...]:
         return (1,) * len(hw)
     round_ = math.ceil if op["ceil_mode"] else math.floor
     return tuple(int(round_((n + 2 * p - k) / s)) + 1
-                 for n, k, s, p in zip(hw, op["kernel"], op["stride"], op["padding"],
-                                       strict=True))
+                 for n, k, s, p in zip(hw, op["kernel"], op["stride"], op["padding"]))
 
 
 def input_hw(pre: Sequence[Op], layer_hw: tuple[int, ...]) -> tuple[int, ...]:
@@ -53,7 +53,7 @@ def _walk(post: Sequence[Op], out_hw: tuple[int, ...]) -> list[tuple[int, ...]]:
     for op in post:
         hw = sizes[-1]
         if op["op"] == "mul":
-            hw = tuple(max(a, b) for a, b in zip(hw, op["other_hw"], strict=True))
+            hw = tuple(max(a, b) for a, b in zip(hw, op["other_hw"]))
         elif op["op"] in ("maxpool", "avgpool", "gap"):
             hw = _pooled(hw, op)
         sizes.append(hw)

@@ -45,7 +45,7 @@ def onnx_nodes(ops: Sequence[Op], src: str, out: str,
         if kind == "act":
             more, extra = activation_nodes(op["fn"], src, dst, f"{pre}ctx{i}_")
             nodes += more
-            consts |= extra
+            consts.update(extra)
         elif kind == "mul":
             nodes.append(helper.make_node("Mul", [src, f"r{i}"], [dst]))
         elif kind == "gap":

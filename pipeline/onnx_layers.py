@@ -201,14 +201,14 @@ def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
             src = f"{pre}flat"
     core = f"{pre}z" if layer.act or layer.post else out
     more, own = _main_nodes(layer, groups, weights, core, pre, src)
-    nodes, inits = nodes + more, inits | own
+    nodes, inits = nodes + more, {**inits, **own}
     if layer.act:
         act = f"{pre}a" if layer.post else out
         more, own = activation_nodes(layer.act, core, act, pre)
-        nodes, inits, core = nodes + more, inits | own, act
+        nodes, inits, core = nodes + more, {**inits, **own}, act
     if layer.post:
         more, own = onnx_nodes(layer.post, core, out, f"{pre}post_")
-        nodes, inits = nodes + more, inits | own
+        nodes, inits = nodes + more, {**inits, **own}
     return nodes, inits
 
 
@@ -308,7 +308,7 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
         weights = {k: v * np.float32(1.0 + 1e-3 * i) if i else v for k, v in base.items()}
         more, own = _layer_copy(layer, cin, cout, groups, weights, out, f"c{i}_")
         nodes += more
-        inits |= own
+        inits.update(own)
     kept = [(n, shape) for n in (names if outputs == "all" else names[:1])]
     if corner:
         nodes.append(_corner("y_0", "y", shape[2:]))

@@ -92,7 +92,7 @@ class OnnxRuntimeBackend(OnnxBackend):
         for out in sess.get_outputs():
             binding.bind_output(out.name, self.device)
         sess.run_with_iobinding(binding)  # allocates the outputs; reuse them from now on
-        for out, value in zip(sess.get_outputs(), binding.get_outputs(), strict=True):
+        for out, value in zip(sess.get_outputs(), binding.get_outputs()):
             binding.bind_ortvalue_output(out.name, value)
         return binding
 

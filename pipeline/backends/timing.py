@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
@@ -20,7 +21,7 @@ from ..errors import HalpError
 from ..kinds import DeviceKind, Statistic
 
 #: ``time_batch(k)`` runs the op ``k`` times back to back and returns the elapsed milliseconds
-BatchTimer = Callable[[int], float]
+BatchTimer = typing.Callable[[int], float]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backends.device import channel_step
 from ..config import PruneConfig, at_least, parse_points
 from ..errors import HalpError
+from ..kinds import DeviceKind
 from ..plotting import save_png, subplots
 from .common import (
     OUTPUT_FILE,
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 #: grid points per channel axis and passes unless told otherwise: as `halp prune` builds
 DEFAULT_MAX_POINTS = PruneConfig.lut_max_points
 DEFAULT_PASSES = PruneConfig.lut_passes
+#: the grid step a job is planned with unless told otherwise: a GPU's channel block, since a job
+#: is for a device (a Jetson) that the workstation cannot ask
+DEVICE_STEP = channel_step(DeviceKind.CUDA)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +64,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
+    j = actions.add_parser("plan", help="plan a table for a device without torch (a job file)",
+                           description="Write a job for `python -m pipeline.device`: every "
+                           "point the model's layers need, the settings, and the calibration "
+                           "references exported to ONNX beside it (<out>.refs/).")
+    add_model_args(j)
+    j.add_argument("--step", type=POSITIVE_INT, default=DEVICE_STEP,
+                   help="channel grid step for prunable sides, the device's channel block "
+                        f"(default {DEVICE_STEP}, TensorRT's; 16 for AVX-512 CPUs); also the "
+                        "pruning unit")
+    j.add_argument("--max-points", type=checked(parse_points, at_least(2)),
+                   default=DEFAULT_MAX_POINTS,
+                   help=f"at most this many grid points per channel axis (default "
+                        f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step)")
+    j.add_argument("--passes", type=POSITIVE_INT, default=DEFAULT_PASSES,
+                   help=f"measure every point this many times (default {DEFAULT_PASSES})")
+    j.add_argument("--out", required=True, type=OUTPUT_FILE, help="job to write (JSON)")
+    j.set_defaults(func=run_plan)
+
     s = actions.add_parser("show", help="summarise a table")
     s.add_argument("file", type=READABLE_FILE)
     s.set_defaults(func=run_show)
@@ -71,8 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=run_plot)
 
     m = actions.add_parser("merge", help="merge shards measured on devices of the same kind")
-    m.add_argument("a", type=READABLE_FILE)
-    m.add_argument("b", type=READABLE_FILE)
+    m.add_argument("parts", nargs="+", type=READABLE_FILE, metavar="PART",
+                   help="tables or shards (at least two)")
+    m.add_argument("--job", type=READABLE_FILE, default=None,
+                   help="the job the shards were measured from: the merged table is checked "
+                        "against its network and calibrated on the references a shard measured")
     m.add_argument("-o", "--out", required=True, type=OUTPUT_FILE)
     m.set_defaults(func=run_merge)
 
@@ -108,8 +134,38 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    from ..lut.build import plan_job
+    from ..structure import analyze
+
+    model, x = model_from_args(args)
+    job = plan_job(analyze(model, x, name=args.model), model, x, step=args.step,
+                   max_points=args.max_points, passes=args.passes, out=args.out)
+    points = sum(len(e.points) for e in job.entries.values())
+    print(f"{points} points of {len(job.entries)} signatures, {len(job.references)} reference "
+          f"networks in {args.out}.refs/; on the device (numpy, onnx and the runtime; no torch):"
+          f"\n  python -m pipeline.device {args.out} --backend tensorrt --precision fp16 "
+          "--out part.json")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
 def run_merge(args: argparse.Namespace) -> int:
-    merged = _load(args.a).merge(_load(args.b))
+    if len(args.parts) < 2:
+        raise HalpError("merge needs at least two tables or shards")
+    merged = _load(args.parts[0])
+    for part in args.parts[1:]:
+        merged = merged.merge(_load(part))
+    if args.job:
+        from ..lut.job import Job
+        from ..lut.measure import calibrate
+
+        job = Job.load(args.job)
+        merged.check_spec(job.spec)
+        if not merged.meta.get("references"):
+            raise HalpError("no part holds the calibration references (shard 1 of n measures "
+                            "them); measure shard 1 too, then merge again")
+        calibrate(merged, job.spec)
     merged.save(args.out)
     print(render(merged))
     print(f"\nwrote {args.out}")

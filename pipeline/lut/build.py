@@ -3,7 +3,7 @@ references, and measure them all (:func:`pipeline.lut.measure.measure_table`).
 
 This is the only part of :mod:`pipeline.lut` that needs torch and Torch-Pruning (to slim the
 reference networks), so ``pipeline.lut`` imports it on first use of :func:`build_lut`. A device
-without torch measures a table planned here with :mod:`pipeline.device` instead.
+without torch measures a table planned here (:func:`plan_job`) with :mod:`pipeline.device`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from ..backends import Backend
+from ..export import to_onnx
 from ..references import references
 from ..spec import NetworkSpec
 from .grid import plan
+from .job import Job, JobReference
 from .measure import Reference, Settings, measure_table, protocol
 from .table import LatencyTable
 
@@ -55,3 +57,23 @@ def build_lut(
 
     return measure_table(spec, plan(spec, step, max_points), backend, settings, Path(out),
                          refs, model=spec.model, progress=progress)
+
+
+def plan_job(spec: NetworkSpec, model: nn.Module, example_input: torch.Tensor, *, step: int,
+             max_points: int | None, passes: int, out: str | Path, seed: int = 0) -> Job:
+    """Plan the table of :func:`build_lut` for a device without torch (:mod:`pipeline.device`):
+    write the job to ``out`` and the reference networks, exported to ONNX, to ``<out>.refs/``.
+    """
+    settings = Settings(step, max_points, seed, passes, protocol(spec))
+    settings.check()
+    out = Path(out)
+    folder = out.parent / f"{out.name}.refs"
+    refs = []
+    for name, counts, module in references(model, example_input, spec, step):
+        path = folder / f"{name}.onnx"
+        proto = to_onnx(module, example_input, path, check=False)
+        refs.append(JobReference(name, counts, str(path.relative_to(out.parent)),
+                                 proto.graph.input[0].name))
+    job = Job(spec.model or "", spec, settings, plan(spec, step, max_points), refs)
+    job.save(out)
+    return job

@@ -10,6 +10,7 @@ inside the network rather than alone.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 #: :func:`~pipeline.onnx_layers.packed_graph`)
 PROTOCOL = "packed-network-working-set/2"
 
-Point = tuple[int, int]
+Point = typing.Tuple[int, int]
 
 
 @dataclass

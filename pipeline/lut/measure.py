@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: (sig, cin, cout): one point to measure
-Task = tuple[str, int, int]
+Task = typing.Tuple[str, int, int]
 #: (name, group counts, timer): a calibration reference network, prepared to be timed
-Reference = tuple[str, dict[int, int], Callable[[], Measurement]]
+Reference = typing.Tuple[str, typing.Dict[int, int], typing.Callable[[], Measurement]]
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
               references: Sequence[Reference], described: BackendInfo, settings: Settings,
               model: str) -> LatencyTable:
     """The table from the journal: each point's and reference's passes combined by the
-    protocol's rule, then calibrated on the references when there are any."""
+    protocol's rule. The references' measurements are kept in the meta; a whole table (not a
+    shard) is calibrated on them at once, a shard when merged (:func:`calibrate`)."""
     for sig, entry in entries.items():
         entry.points = {k: combine(list(journal.points[(sig, *k)].values()))
                         for k in entry.points}
@@ -209,24 +211,29 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
         "shard": settings.shard,
         "build_s": round(journal.spent_s, 3),
         "dense": measured["dense"].to_dict() if measured else None,
+        "references": {name: {"counts": {str(g): c for g, c in counts.items()},
+                              **measured[name].to_dict()}
+                       for name, counts, _ in references} or None,
     }
     table = LatencyTable(meta, entries)
-    if measured:
-        _calibrate(table, spec, references, measured)
+    if measured and settings.shard is None:
+        calibrate(table, spec)
     return table
 
 
-def _calibrate(table: LatencyTable, spec: NetworkSpec, references: Sequence[Reference],
-               measured: Mapping[str, Measurement]) -> None:
+def calibrate(table: LatencyTable, spec: NetworkSpec) -> None:
     """Set the table's ``scale`` and ``constant_ms`` from the fit of its raw sums to the
-    measured references, and record the sums and the check in its meta."""
+    reference networks measured with it (``meta["references"]``, dense first), and record the
+    sums and the check in its meta. The table must price every layer of ``spec``."""
+    refs = {name: ({int(g): c for g, c in ref["counts"].items()}, Measurement.from_dict(ref))
+            for name, ref in table.meta["references"].items()}
     lut_ms = {name: sum(table.layer_latencies(spec, counts, calibrated=False).values())
-              for name, counts, _ in references}
-    cal = fit(*((lut_ms[name], measured[name].ms) for name, _, _ in references))  # dense first
-    table.dense_ms, table.scale, table.constant_ms = (measured["dense"].ms, cal.scale,
-                                                      cal.constant_ms)
+              for name, (counts, _) in refs.items()}
+    cal = fit(*((lut_ms[name], m.ms) for name, (_, m) in refs.items()))
+    table.dense_ms, table.scale, table.constant_ms = refs["dense"][1].ms, cal.scale, \
+        cal.constant_ms
     table.meta["calibration"] = {
-        name: {"lut_ms": lut_ms[name], "measured_ms": measured[name].ms,
+        name: {"lut_ms": lut_ms[name], "measured_ms": m.ms,
                "counts": {str(g): c for g, c in counts.items()}}
-        for name, counts, _ in references}
+        for name, (counts, m) in refs.items()}
     table.meta["check"] = cal.to_dict()

@@ -149,6 +149,9 @@ class LatencyTable:
         source = self if self.constant_ms is not None or other.constant_ms is None else other
         meta = {**self.meta, **{k: source.meta.get(k)
                                 for k in ("model", "input_shape", "dense", "calibration")}}
+        # a shard's reference networks (measured by one shard only) calibrate the union
+        meta["references"] = self.meta.get("references") or other.meta.get("references")
+        meta["shard"] = None
         meta["merged_from"] = [*_provenance(self.meta), *_provenance(other.meta)]
         meta["created"] = utc_now()
         meta["points"] = sum(len(e.points) for e in entries.values())
@@ -226,5 +229,5 @@ def _better(a: Measurement, b: Measurement) -> bool:
 
 def _provenance(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list(meta.get("merged_from") or [
-        {k: meta.get(k) for k in ("device", "device_key", "model", "created", "points")}])
+        {k: meta.get(k) for k in ("device", "device_key", "model", "created", "points", "shard")}])
 

@@ -1,0 +1,109 @@
+"""Measure a planned latency table on the device itself, without torch.
+
+``halp lut plan`` (on a workstation, with the model) writes a job; on the Jetson::
+
+    python -m pipeline.device job.json --backend tensorrt --precision fp16 --out part.json
+
+measures it with only numpy, onnx and the runtime installed (TensorRT with polygraphy and
+pycuda, or ONNX Runtime): the layer graphs are generated from the job's geometry
+(:mod:`pipeline.onnx_layers`) and the calibration references are the job's ONNX files. The
+build is journaled beside ``--out`` and resumes when rerun; ``--shard i/n`` measures every n-th
+point, so n devices of the same kind split a table and ``halp lut merge --job job.json`` joins
+and calibrates the parts. The measuring itself is :func:`pipeline.lut.measure.measure_table`,
+the same code ``halp lut build`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .commands.common import OUTPUT_FILE, READABLE_FILE, add_backend_args, backend_from_args
+from .errors import HalpError
+from .lut.job import Job
+from .lut.measure import Reference, measure_table
+
+
+def parse_shard(text: str | None) -> list[int] | None:
+    """``"i/n"`` as [i, n] (1 <= i <= n), or None for the whole table."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise HalpError(f"--shard {text!r} is not i/n (e.g. 2/4)") from None
+    if not 1 <= i <= n:
+        raise HalpError(f"--shard {text}: need 1 <= i <= n")
+    return [i, n]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.device",
+        description="Measure a table job planned by `halp lut plan`, on this device, without "
+                    "torch; an interrupted build resumes from its journal.")
+    parser.add_argument("job", type=READABLE_FILE, help="the job (JSON) from `halp lut plan`")
+    add_backend_args(parser)
+    parser.add_argument("--shard", default=None,
+                        help="i/n: measure every n-th point from the i-th (one device of n); "
+                             "shard 1 also measures the calibration references")
+    parser.add_argument("--out", required=True, type=OUTPUT_FILE,
+                        help="table (or shard) to write (JSON); journal beside it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    job_path = Path(args.job)
+    job = Job.load(job_path)
+    shard = parse_shard(args.shard)
+    backend = backend_from_args(args)
+
+    def references() -> list[Reference]:
+        if shard is not None and shard[0] != 1:
+            return []
+        x = np.random.default_rng(job.settings.seed).standard_normal(
+            job.spec.input_shape, dtype=np.float32)
+        return [(r.name, r.counts,
+                 backend.onnx_timer(job_path.parent / r.onnx, {r.input_name: x}))
+                for r in job.references]
+
+    table = measure_table(job.spec, job.entries, backend, replace(job.settings, shard=shard),
+                          Path(args.out), references, model=job.model,
+                          progress=not args.no_progress)
+    part = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
+    print(f"{table.meta['points']} points of {len(table.entries)} signatures{part}, "
+          f"{table.meta['build_s']} s of measuring on {table.meta['device']}")
+    if table.meta.get("check"):
+        print(f"check: raw entries sum to {100 * table.meta['check']['additivity']:.1f}% of the "
+              f"measured dense network; fit scale {table.scale:.3g}, constant "
+              f"{table.constant_ms:+.3g} ms")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except HalpError as exc:
+        print(f"pipeline.device: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pipeline.device: interrupted; progress is kept in {args.out}.journal: rerun the "
+              "same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
