@@ -22,6 +22,11 @@ a network, so no engine pays conversions at its edges), strongly typed on 10.x t
 rejects the pair with "condition: !config.getFlag(BuilderFlag::kFP16)", and trtexec 10.3 drops
 ``--fp16`` under ``--stronglyTyped`` while keeping TF32, ``samples/common/sampleOptions.cpp``),
 so 10.x and 11.x time the same precision.
+
+TensorRT 8.5 and 8.6 (JetPack 5 on Xavier, JetPack 6.0) have the same name-based I/O and
+``execute_async_v3`` (``python/src/infer/pyCore.cpp`` at the 8.5.3 tag) but no strongly typed
+networks (no ``STRONGLY_TYPED`` up to 8.6.1): there the float16 graph is built with
+``BuilderFlag.FP16``, which 8.x has, so its engines take and give float16 as on 10.x and 11.x.
 """
 
 from __future__ import annotations
@@ -49,32 +54,34 @@ from .timing import BatchTimer, Measurement, TimingSettings, measure
 
 log = logging.getLogger(__name__)
 
-#: TensorRT major versions this backend is written and checked against (pyproject's bound)
+#: TensorRT major versions pip installs for this backend (the extra's bound in pyproject)
 SUPPORTED_MAJORS = (10, 11)
+#: older TensorRT a Jetson brings with JetPack (not pip-installable there): 8.5 and 8.6
+JETPACK_VERSIONS = ((8, 5), (8, 6))
 INSTALL_HINT = (
-    "the tensorrt backend needs TensorRT 10 or 11 and pycuda on a machine with an NVIDIA GPU "
-    "(cuda-python too, to time layers as CUDA graphs): pip install '.[tensorrt]' (the "
-    "`tensorrt` extra; on Jetson use JetPack 6's TensorRT 10 and pip install pycuda "
-    "cuda-python)"
+    "the tensorrt backend needs TensorRT 10 or 11 (or JetPack's 8.5/8.6) and pycuda on a "
+    "machine with an NVIDIA GPU (cuda-python too, to time layers as CUDA graphs): pip install "
+    "'.[tensorrt]' (the `tensorrt` extra; on Jetson use JetPack's TensorRT and pip install "
+    "pycuda cuda-python)"
 )
 
 
 def check_version(version: str) -> int:
-    """The major version of TensorRT ``version``; BackendUnavailable outside
-    :data:`SUPPORTED_MAJORS`. 8.x has no strongly typed networks (``kSTRONGLY_TYPED`` first
-    appears in 9.1's ``NvInfer.h``), so its fp16 would need the builder flag this backend no
-    longer sets; 9.x never shipped for Jetson and is untested; a future major may remove what
-    11 only deprecated (``STRONGLY_TYPED``, which polygraphy's ``strongly_typed`` reads)."""
+    """The major version of TensorRT ``version``; BackendUnavailable unless it is one of
+    :data:`SUPPORTED_MAJORS` or a :data:`JETPACK_VERSIONS` release. 8.5 is the first with
+    name-based I/O and ``execute_async_v3``; 9.x never shipped for Jetson and is untested; a
+    future major may remove what 11 only deprecated (``STRONGLY_TYPED``, which polygraphy's
+    ``strongly_typed`` reads)."""
     try:
-        major = int(version.split(".")[0])
+        major, minor = (int(part) for part in version.split(".")[:2])
     except ValueError:
-        major = -1
-    if major not in SUPPORTED_MAJORS:
+        major = minor = -1
+    if major not in SUPPORTED_MAJORS and (major, minor) not in JETPACK_VERSIONS:
         supported = " and ".join(f"{m}.x" for m in SUPPORTED_MAJORS)
         raise BackendUnavailable(
             f"TensorRT {version} is not supported: the tensorrt backend supports TensorRT "
-            f"{supported}; install one (pip install 'tensorrt>=10,<12', or JetPack 6's "
-            "TensorRT 10.3 on Jetson Orin)")
+            f"{supported} (pip install 'tensorrt>=10,<12') and JetPack's 8.5 and 8.6 on "
+            "Jetson Xavier and Orin")
     return major
 
 
@@ -283,16 +290,18 @@ class TensorRTBackend(OnnxBackend):
 
         fp16 is the graph's types, in a strongly typed network (the module docstring says why);
         ``strongly_typed`` is passed on 10.x only, since 11.x builds every network so and only
-        keeps the flag as a deprecated no-op. No precision flag is set. TF32 is on, as in
-        TensorRT's own builder config and trtexec: polygraphy's ``CreateConfig`` defaults to
-        ``tf32=False`` and clears the flag, which would time strict FP32 kernels on Ampere and
-        Orin that no deployed "fp32" engine runs.
+        keeps the flag as a deprecated no-op. No precision flag is set, except on 8.x, which
+        has no strongly typed networks and takes the float16 graph with ``BuilderFlag.FP16``.
+        TF32 is on, as in TensorRT's own builder config and trtexec: polygraphy's
+        ``CreateConfig`` defaults to ``tf32=False`` and clears the flag, which would time strict
+        FP32 kernels on Ampere and Orin that no deployed "fp32" engine runs.
         """
-        strongly_typed = self.precision == Precision.FP16 and self.major < 11
+        fp16 = self.precision == Precision.FP16
+        strongly_typed = fp16 and self.major == 10
         # lazy loaders: the builder and network live only inside the build call
         build = self.loaders.EngineBytesFromNetwork(
             self.loaders.NetworkFromOnnxBytes(typed, strongly_typed=strongly_typed),
-            config=self.loaders.CreateConfig(tf32=True),
+            config=self.loaders.CreateConfig(tf32=True, fp16=fp16 and self.major == 8),
         )
         with self._quiet("could not build an engine"):
             return bytes(build())
@@ -357,6 +366,8 @@ class TensorRTBackend(OnnxBackend):
 
     def provider(self) -> str:
         """How engines are built and timed, as tables record it."""
-        typed = ", float16 graphs, strongly typed" if self.precision == Precision.FP16 else ""
+        typed = ""
+        if self.precision == Precision.FP16:
+            typed = ", float16 graphs, " + ("FP16 flag" if self.major == 8 else "strongly typed")
         runs = "CUDA graphs" if _cudart() is not None else "direct enqueues"
         return f"TensorRT builder, TF32 on{typed}; timed as {runs}"
