@@ -29,14 +29,15 @@ ROOT = Path(__file__).parents[1]
 PLAN = ["--model", "resnet18", "--num-classes", "10", "--input", "1x3x32x32", "--step", "32",
         "--max-points", "2", "--passes", "1"]
 
-#: runs pipeline.device with the torch stack unimportable; prints the pipeline modules loaded
+#: runs a module (argv[1]) with the torch stack unimportable; prints the pipeline modules loaded
 CHILD = """
 import json, runpy, sys
 for name in ("torch", "torchvision", "torch_pruning"):
     sys.modules[name] = None  # any import of them now raises ImportError
-sys.argv = ["pipeline.device", *sys.argv[1:]]
+module = sys.argv[1]
+sys.argv = [module, *sys.argv[2:]]
 try:
-    runpy.run_module("pipeline.device", run_name="__main__")
+    runpy.run_module(module, run_name="__main__")
 except SystemExit as exc:
     if exc.code:
         raise
@@ -45,13 +46,19 @@ print(json.dumps(sorted(m.__file__ for name, m in sys.modules.items()
 """
 
 
-def _device(*args: str) -> list[str]:
-    """Run the device builder without torch; the files of the pipeline modules it imported."""
-    run = subprocess.run([sys.executable, "-c", CHILD, *args, "--backend", "onnxruntime",
-                          "--threads", "1", "--no-progress"],
+def _without_torch(module: str, *args: str) -> list[str]:
+    """Run ``python -m module args`` without torch; the files of the pipeline modules it
+    imported."""
+    run = subprocess.run([sys.executable, "-c", CHILD, module, *args],
                          capture_output=True, text=True, check=False, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _device(*args: str) -> list[str]:
+    """The device builder on ONNX Runtime, without torch."""
+    return _without_torch("pipeline.device", *args, "--backend", "onnxruntime", "--threads",
+                          "1", "--no-progress")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +85,11 @@ def test_shards_measured_without_torch_merge_into_the_planned_table(job: Path,
         {s: set(e.points) for s, e in planned.entries.items()}
     assert merged.meta["check"]["additivity"] > 0 and merged.constant_ms is not None
     assert set(merged.meta["calibration"]) == {"dense", "half", "quarter"}
+    # the engine of the pruned network is built on the device too, as `python -m pipeline engine`
+    loaded = sorted({*loaded, *_without_torch(
+        "pipeline", "engine", "--onnx", str(job.parent / "job.json.refs" / "quarter.onnx"),
+        "--backend", "onnxruntime", "--threads", "1", "--out", str(tmp_path / "engine"))})
+    assert (tmp_path / "engine" / "quarter.ort.onnx").is_file()
     # every module the device imports is linted for Python 3.8 (pyproject's ruff targets) and
     # passes vermin's check of the features it uses
     targets = re.findall(r'^"(pipeline/[\w/]+\.py)" = "py38"$',
