@@ -32,21 +32,21 @@ def solve(problem: Problem, budget: float) -> Result:
     fastest = cheapest(problem)
     if problem.cost(fastest) > budget:
         raise infeasible(problem.cost(fastest), budget)
-    over = np.array([int(np.argmax(v)) for v in problem.values])  # the relaxation at λ = 0
+    over = np.array([int(np.argmax(v)) for v in problem.values])  # the best ignoring budget
     if problem.cost(over) <= budget:
         value = problem.value(over)
         return Result(over, value, problem.cost(over), value)
     # a coarse copy (every few counts) brackets the rate cheaply; its choices are choices of the
     # full problem, but only eliminations of the full problem give valid bounds
-    picks = [np.unique(np.r_[0:len(c):-(-len(c) // COARSE), len(c) - 1]) for c in problem.counts]
+    picks = [np.unique(np.r_[0:len(c):-(-len(c) // COARSE), len(c) - 1, f])
+             for c, f in zip(problem.counts, fastest, strict=True)]  # the fastest fits: in it
     coarse = problem.restricted(picks)
     lift = lambda keep: np.array([p[k] for p, k in zip(picks, keep, strict=True)])  # noqa: E731
     over_c, under_c, _, _ = _search(coarse, budget, np.array([len(p) - 1 for p in picks]),
                                     cheapest(coarse))
     rate = (coarse.value(over_c) - coarse.value(under_c)) / (coarse.cost(over_c)
                                                              - coarse.cost(under_c))
-    over, under = _bracket(problem, budget, rate, lift(over_c),
-                           max((lift(under_c), fastest), key=problem.value))
+    over, under = _bracket(problem, budget, rate, lift(over_c), lift(under_c))
     over, under, bound, best = _search(problem, budget, over, under)
     best = max((improve(problem, best, budget), improve(problem, repair(problem, over, budget),
                                                         budget)), key=problem.value)
@@ -73,14 +73,22 @@ def _search(problem: Problem, budget: float, over: np.ndarray, under: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """The dual's breakpoint search from a choice over budget and one within it: (the last
     choices over and within budget, min L over the rates tried, the best choice within budget).
+
+    The bound starts at the unconstrained best value (nothing is worth more). When ``under``
+    is worth at least ``over`` the line through them says nothing (``over`` need not be a
+    relaxed optimum), so the search goes on from the unconstrained best, and stops when even
+    that is worth no more than ``under``, which is then optimal.
     """
-    bound, best = np.inf, under
+    top = np.array([int(np.argmax(v)) for v in problem.values])  # the relaxation at λ = 0
+    bound, best = problem.value(top), under
     for _ in range(MAX_ROUNDS):
         v_over, c_over = problem.value(over), problem.cost(over)
         v_under, c_under = problem.value(under), problem.cost(under)
         if v_under >= v_over:
-            bound = min(bound, v_under)  # then ``under`` is optimal: nothing over is worth more
-            break
+            if v_over >= bound:
+                break
+            over = top
+            continue
         rate = (v_over - v_under) / (c_over - c_under)
         x = problem.relaxed(1.0, rate)
         lagrangian = problem.value(x) - rate * problem.cost(x)

@@ -98,6 +98,17 @@ def test_fast_solver_is_feasible_and_its_bound_holds(seed: int) -> None:
         assert 0 <= result.gap < 1
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_solver_bound_holds_with_many_counts(seed: int) -> None:
+    """Groups with more counts than the coarse copy keeps (its bracketing and the full search
+    both run), budgets down to the fastest network: HiGHS's optimum within the bound."""
+    problem = random_problem(seed, groups=6, choices=24)
+    for budget in budgets(problem, 7):
+        fast, exact = solve(problem, budget), solve_milp(problem, budget)
+        assert fast.cost <= budget
+        assert exact.value <= fast.bound * (1 + 1e-9) and fast.value <= exact.bound * (1 + 1e-9)
+
+
 def test_fast_solver_names_the_minimum_when_nothing_fits() -> None:
     problem = random_problem(2)
     minimum = problem.cost(cheapest(problem))
