@@ -6,6 +6,10 @@
 #                                  weight streaming matter, as on a Jetson); sized for < 10
 #                                  minutes on a datacenter GPU
 #   tools/device_check.sh --cpu    the same flow on ONNX Runtime CPU with resnet18 at 64x64
+#   tools/device_check.sh --tensorrt   a TensorRT machine (a GPU server, or a Jetson with torch):
+#                                  the TensorRT-gated tests, then resnet18 at 224x224 planned
+#                                  as a job, measured fp16 by the torch-free device builder and
+#                                  verified on TensorRT
 #
 # Results land in $OUT (default /tmp/halp-device-check), one set per batch: lut-bN.json,
 # verify-bN.json, verify-bN.png, verify-bN.txt. Wheels in ./wheels (e.g. torch-pruning for a
@@ -20,6 +24,21 @@ if compgen -G "wheels/*.whl" >/dev/null; then
   "$PY" -m pip install --quiet --no-deps --no-index wheels/*.whl
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${1:-}" = "--tensorrt" ]; then
+  "$PY" -c 'import tensorrt; print("TensorRT", tensorrt.__version__)'
+  HALP_TENSORRT=1 "$PY" -m pytest -q -m tensorrt tests
+  input=1x3x224x224
+  "$PY" -m pipeline lut plan --model resnet18 --input "$input" --max-points 4 --passes 1 \
+    --out "$OUT/job.json"
+  "$PY" -m pipeline.device "$OUT/job.json" --backend tensorrt --precision fp16 \
+    --out "$OUT/lut-trt-fp16.json" --no-progress
+  "$PY" -m pipeline verify --model resnet18 --input "$input" --lut "$OUT/lut-trt-fp16.json" \
+    --samples 8 --report "$OUT/verify-trt-fp16.json" \
+    --plot "$OUT/verify-trt-fp16.png" 2>&1 | grep -v 'it/s\]\|run/s\]\|arch/s\]' \
+    | tee "$OUT/verify-trt-fp16.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 
 if [ "${1:-}" = "--cpu" ]; then
   model=resnet18 batches=(1) size=3x64x64 backend=(--backend onnxruntime --threads 1)
