@@ -412,3 +412,18 @@ def test_tensorrt_engines_take_the_graph_types_and_time_as_cuda_graphs(
     want = sess.run(["y"], {"x": x})[0]
     scale = float(np.abs(want).max())
     np.testing.assert_allclose(out_plain.astype(np.float32), want, rtol=2e-2, atol=1e-2 * scale)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(os.environ.get("HALP_TENSORRT") != "1", reason=TENSORRT_REASON)
+def test_tensorrt_builds_a_network_engine_once_for_all_its_rounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network timed round after round (verify's samples, the table's references) is one
+    engine build, not one per round (minutes each on a Jetson, and free to pick other tactics)."""
+    backend = get_backend("tensorrt", "fp32", **FAST)
+    builds = []
+    plan = backend._plan
+    monkeypatch.setattr(backend, "_plan", lambda typed: builds.append(1) or plan(typed))
+    timer = backend.module_timer(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16))
+    assert all(np.isfinite(timer().median_ms) for _ in range(3))
+    assert len(builds) == 1
