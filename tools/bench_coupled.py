@@ -19,6 +19,7 @@ Nothing is measured on a runtime: only the tables given are read.
 
 Usage: .venv/bin/python tools/bench_coupled.py --lut resnet50=PATH [--lut mobilenet_v2=PATH]
        [--budgets 0.9 0.7 0.5 0.3 0.1] [--steps 10] [--seed 0] [--milp-time-limit 30]
+       [--unit N]
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def coupled_problem(planner: Planner, scores: dict[int, np.ndarray]) -> Problem:
 
 
 def bench_model(name: str, path: str, budgets: list[float], steps: int, seed: int,
-                milp_limit: float | None) -> None:
+                milp_limit: float | None, unit: int | None) -> None:
     import torch
 
     from pipeline.models import load_model
@@ -73,7 +74,7 @@ def bench_model(name: str, path: str, budgets: list[float], steps: int, seed: in
     lut = LatencyTable.load(path)
     shape = tuple(lut.meta.get("input_shape") or (1, 3, 224, 224))
     spec = analyze(load_model(name, num_classes=10), torch.randn(*shape), name=name)
-    planner = Planner(spec, lut)
+    planner = Planner(spec, lut, unit)
     scores = saliency(planner, seed)
     total = sum(float(s.sum()) for s in scores.values())
     build_ms, problem = timed(coupled_problem, planner, scores)
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10,
                         help="steps of the iterated decoupled knapsack (halp prune's default)")
     parser.add_argument("--seed", type=int, default=0, help="saliency seed")
+    parser.add_argument("--unit", type=int, default=None,
+                        help="channels per pruning unit (default: the table's step)")
     parser.add_argument("--milp-time-limit", type=float, default=30.0,
                         help="seconds HiGHS may take per instance (0: no limit)")
     args = parser.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--lut {item!r}: give MODEL=PATH")
         bench_model(name, path, args.budgets, args.steps, args.seed,
-                    args.milp_time_limit or None)
+                    args.milp_time_limit or None, args.unit)
     return 0
 
 
