@@ -162,7 +162,12 @@ def infeasible(minimum: float, budget: float) -> InfeasibleBudget:
 
 def solve_milp(problem: Problem, budget: float, *, time_limit: float | None = None) -> Result:
     """The exact optimum by HiGHS; ``bound`` is HiGHS's dual bound (equal to the value unless
-    it stopped at ``time_limit`` or within :data:`MILP_GAP`)."""
+    it stopped at ``time_limit`` or within :data:`MILP_GAP`).
+
+    Variables: y (binary), one per group and choice, then z in [0, 1], one per coupled pair of
+    groups and pair of their choices. Rows: Σ_k y_gk = 1 per group; per pair (i, j), the z of
+    each choice of i summed over j's choices equal that y_i (and likewise for j); the budget.
+    """
     sizes = [len(c) for c in problem.counts]
     start = np.concatenate(([0], np.cumsum(sizes)))
     n_y = int(start[-1])
@@ -185,7 +190,7 @@ def solve_milp(problem: Problem, budget: float, *, time_limit: float | None = No
                 cols += [*line.tolist(), int(start[g] + k)]
                 vals += [1.0] * len(line) + [-1.0]
                 row += 1
-    equalities = row
+    budget_row = row  # Σ latency of the chosen y and z within the budget
     cost = np.concatenate([*problem.unary, *(t.ravel() for _, t in blocks)])
     rows += [row] * n
     cols += range(n)
@@ -194,7 +199,7 @@ def solve_milp(problem: Problem, budget: float, *, time_limit: float | None = No
     lower = np.zeros(row + 1)
     upper = np.zeros(row + 1)
     lower[:len(sizes)] = upper[:len(sizes)] = 1.0
-    lower[equalities], upper[equalities] = -np.inf, budget - problem.constant
+    lower[budget_row], upper[budget_row] = -np.inf, budget - problem.constant
     objective = np.concatenate([*[-v for v in problem.values], np.zeros(n - n_y)])
     options = {"mip_rel_gap": MILP_GAP, **({"time_limit": time_limit} if time_limit else {})}
     res = scipy.optimize.milp(objective, integrality=np.r_[np.ones(n_y), np.zeros(n - n_y)],
