@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch_pruning as tp
 from _pruner_support import INPUT, batch, ddp_worker, lut_path, make_model, sgd, train
+from _tables import mac_table
 from torch import nn
 
 from pipeline.errors import HalpError, InfeasibleBudget
@@ -214,6 +215,23 @@ def test_pruner_traces_once_and_decides_through_its_planner(monkeypatch) -> None
 def test_arguments_are_checked(kwargs: dict, match: str) -> None:
     with pytest.raises(HalpError, match=match):
         HalpPruner(make_model("resnet18"), torch.randn(*INPUT), _lut("resnet18"), **kwargs)
+
+
+@pytest.mark.parametrize("solver", ["coupled", "decoupled"])
+def test_either_solver_prunes_within_each_budget_on_a_priced_table(solver: str) -> None:
+    """The pruner's steps through each solver, on a table priced by formula (nothing timed)."""
+    model = make_model("resnet18")
+    x = torch.randn(*INPUT)
+    lut = mac_table(analyze(model, x))
+    optimizer = sgd(model)
+    pruner = HalpPruner(model, x, lut, target=0.6, steps=2, interval=2, solver=solver,
+                        optimizer=optimizer, log=lambda _m: None)
+    train(model, pruner, optimizer, range(4))
+    assert pruner.done and all(h["predicted_ms"] <= h["budget_ms"] for h in pruner.history)
+    assert pruner.predicted_ms <= pruner.target_ms
+    slim = pruner.finalize()
+    assert check_equivalent(model, slim, x) <= 1e-4
+    assert lut.predict(analyze(slim, x)) == pytest.approx(pruner.predicted_ms, rel=1e-9)
 
 
 def test_unknown_solver_is_refused_before_any_work() -> None:
