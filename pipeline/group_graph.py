@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import HalpError
+
 #: refuse an elimination whose largest intermediate table would hold more entries than this
 MAX_TABLE = 50_000_000
 
@@ -57,8 +59,9 @@ class Eliminator:
             inputs = tuple(sorted(f for f in active if var in scopes[f]))
             scope = tuple(sorted(set().union(*(scopes[f] for f in inputs))))
             if math.prod(self.sizes[v] for v in scope) > MAX_TABLE:
-                raise ValueError(f"the group graph is too densely coupled to eliminate "
-                                 f"(a table over {len(scope)} groups)")
+                raise HalpError(f"the channel groups are too densely coupled for the coupled "
+                                f"solver (an intermediate table over {len(scope)} groups); use "
+                                "solver='decoupled'")
             shapes = tuple(tuple(self.sizes[v] if v in scopes[f] else 1 for v in scope)
                            for f in inputs)
             step = _Step(var, scope, inputs, shapes)

@@ -14,7 +14,8 @@ from test_planner import SPEC, _table
 
 from pipeline.coupled import Problem, cheapest, network_problem, solve_milp
 from pipeline.coupled_dual import solve
-from pipeline.errors import InfeasibleBudget
+from pipeline.errors import HalpError, InfeasibleBudget
+from pipeline.group_graph import Eliminator
 from pipeline.lut import LatencyTable
 from pipeline.planner import Planner
 from pipeline.spec import NetworkSpec
@@ -149,3 +150,10 @@ def test_fast_solver_matches_highs_on_a_real_network(seed: int) -> None:
         assert fast.value <= exact.bound * (1 + 1e-9)
         assert exact.value <= fast.bound * (1 + 1e-9)
         assert fast.gap <= 1e-2
+
+
+def test_a_densely_coupled_graph_is_refused_with_the_way_out() -> None:
+    clique = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    with pytest.raises(HalpError, match="solver='decoupled'"):
+        Eliminator([100] * 4, clique)
+    assert len(Eliminator([10] * 4, clique).steps) == 4
