@@ -32,7 +32,7 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from .errors import HalpError, InfeasibleBudget
+from .errors import HalpError, InfeasibleBudget, NotCoupled
 from .group_graph import Eliminator
 from .spec import LayerSpec, NetworkSpec
 
@@ -127,7 +127,7 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
         touched = sorted({position[g] for g, _ in layer.in_sources if g in position}
                          | ({position[layer.out_group]} if layer.out_group in position else set()))
         if len(touched) > 2:
-            raise HalpError(f"layer {layer.name} reads or writes {len(touched)} sized channel "
+            raise NotCoupled(f"layer {layer.name} reads or writes {len(touched)} sized channel "
                             "groups; the coupled solver prices at most two per layer: use "
                             "solver='decoupled'")
         groups = [keys[i] for i in touched]

@@ -47,6 +47,11 @@ class InfeasibleBudget(HalpError):
         self.minimum = minimum
 
 
+class NotCoupled(HalpError):
+    """The network cannot be priced as a coupled knapsack: a layer touches more than two sized
+    groups, or the group graph is too densely coupled to eliminate."""
+
+
 class BackendUnavailable(HalpError):
     """A runtime backend cannot be used on this machine (missing package or device)."""
 

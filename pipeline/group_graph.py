@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import HalpError
+from .errors import NotCoupled
 
 #: refuse an elimination whose largest intermediate table would hold more entries than this
 MAX_TABLE = 50_000_000
@@ -59,7 +59,7 @@ class Eliminator:
             inputs = tuple(sorted(f for f in active if var in scopes[f]))
             scope = tuple(sorted(set().union(*(scopes[f] for f in inputs))))
             if math.prod(self.sizes[v] for v in scope) > MAX_TABLE:
-                raise HalpError(f"the channel groups are too densely coupled for the coupled "
+                raise NotCoupled(f"the channel groups are too densely coupled for the coupled "
                                 f"solver (an intermediate table over {len(scope)} groups); use "
                                 "solver='decoupled'")
             shapes = tuple(tuple(self.sizes[v] if v in scopes[f] else 1 for v in scope)

@@ -13,7 +13,9 @@ Formulation (DESIGN.md, "Knapsack"): channels of group g are ranked best first; 
   choice, cout from its output group's), so the step optimises the true prediction
   (:mod:`pipeline.coupled`, solved by :mod:`pipeline.coupled_dual` with a certified gap). The
   decoupled answer is computed too and kept when it is worth more within the budget, so
-  ``"coupled"`` is never worse.
+  ``"coupled"`` is never worse; it is also the answer where the network cannot be priced
+  coupled (a layer touching more than two sized groups, or a group graph too densely coupled
+  to eliminate: :class:`~pipeline.errors.NotCoupled`).
 - ``"decoupled"`` (HALP's): the layers producing g cost (today's input count, c); the result
   is re-predicted with every layer's true (cin, cout) and the budget tightened until the
   prediction fits. One big step over-prunes; the pruner's schedule takes small ones.
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import coupled, coupled_dual
-from .errors import HalpError, InfeasibleBudget
+from .errors import HalpError, InfeasibleBudget, NotCoupled
 from .kinds import Solver
 from .knapsack import solve as solve_knapsack
 from .spec import NetworkSpec
@@ -176,15 +178,20 @@ class Planner:
     def _coupled(self, budget: float, gains: Mapping[int, np.ndarray],
                  current: Mapping[int, int], solver: str) -> tuple[dict[int, int], float] | None:
         """Counts within ``budget`` by the coupled knapsack (never above ``current``) and the
-        certified gap; None when nothing smaller than ``current`` fits."""
+        certified gap; None when nothing smaller than ``current`` fits, or (``"coupled"``, the
+        default) when the network cannot be priced coupled (:class:`NotCoupled`)."""
         allowed = {g: self._allowed(g, current[g])[1:] for g in self.groups}
-        problem = coupled.network_problem(self.spec, self.lut, allowed,
-                                          {g: gains[g][c] for g, c in allowed.items()},
-                                          prices=self._prices)
         try:
+            problem = coupled.network_problem(self.spec, self.lut, allowed,
+                                              {g: gains[g][c] for g, c in allowed.items()},
+                                              prices=self._prices)
             result = (coupled.solve_milp if solver == "highs" else coupled_dual.solve)(
                 problem, budget)
         except InfeasibleBudget:
+            return None
+        except NotCoupled:
+            if solver == "highs":
+                raise
             return None
         counts = {g: int(c[k]) for (g, c), k in zip(allowed.items(), result.keep, strict=True)}
         return counts, result.gap

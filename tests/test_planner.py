@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from _tables import mac_table
 
 from pipeline.backends.timing import Measurement
-from pipeline.errors import HalpError, InfeasibleBudget
+from pipeline.errors import HalpError, InfeasibleBudget, NotCoupled
 from pipeline.lut import LatencyTable, plan
 from pipeline.planner import Planner
 from pipeline.spec import ChannelGroup, LayerSpec, NetworkSpec
@@ -222,6 +223,29 @@ def test_coupled_steps_track_the_schedule_and_never_regrow() -> None:
     result = planner.solve(_saliency(), budget, keep=keep, steps=3)
     assert result.predicted_ms <= budget
     assert all(set(k.tolist()) <= set(keep[g].tolist()) for g, k in result.keep.items())
+
+
+def test_a_layer_over_three_groups_leaves_coupled_to_the_decoupled_answer() -> None:
+    """"head" reads two sized groups and writes a third: no pairwise price for it, so the
+    default solver answers as the decoupled one and HiGHS says why."""
+    spec = NetworkSpec(
+        input_shape=(1, 3, 8, 8),
+        layers=[_layer("a", "conv", 3, 16, [(None, 3)], 0), _layer("b", "conv", 3, 16,
+                                                                   [(None, 3)], 1),
+                _layer("head", "conv", 32, 16, [(0, 16), (1, 16)], 2),
+                _layer("out", "conv", 16, 8, [(2, 16)], None)],
+        groups=[ChannelGroup(0, 16, ["a"], ["head"], []), ChannelGroup(1, 16, ["b"], ["head"], []),
+                ChannelGroup(2, 16, ["head"], ["out"], [])],
+        total_params=0, total_macs=0,
+    )
+    planner = Planner(spec, mac_table(spec))
+    saliency = {g: np.random.default_rng(g).random(16) for g in range(3)}
+    budget = (planner.minimum_ms + planner.dense_ms) / 2
+    default = planner.solve(saliency, budget)
+    decoupled = planner.solve(saliency, budget, solver="decoupled")
+    assert default.counts == decoupled.counts and default.method != "coupled"
+    with pytest.raises(NotCoupled, match="layer head reads or writes 3 sized channel groups"):
+        planner.solve(saliency, budget, solver="highs")
 
 
 def test_unknown_solver_is_refused() -> None:
