@@ -162,15 +162,13 @@ class Planner:
         counts = {g: len(k) for g, k in kept.items()}
         method, gap = "exact", None
         for budget in self.schedule(budget_ms, steps, start_ms=self.predict(counts)):
-            step, method = self._step(budget, gains, counts)
+            current = counts
+            counts, method = self._step(budget, gains, current)
             gap = None
-            if solver != "decoupled":
-                found = self._coupled(budget, gains, counts, solver)
-                if found is not None and self.predict(found[0]) <= budget and (
-                        self.predict(step) > budget or _value(gains, found[0]) > _value(gains,
-                                                                                        step)):
-                    step, method, gap = found[0], "coupled", found[1]
-            counts = step
+            found = None if solver == "decoupled" else self._coupled(budget, gains, current,
+                                                                     solver)
+            if found is not None and self._beats(found[0], counts, budget, gains):
+                (counts, gap), method = found, "coupled"
         return Plan(counts=counts, keep={g: np.sort(order[g][:c]) for g, c in counts.items()},
                     predicted_ms=self.predict(counts), value=_value(gains, counts),
                     method=method, gap=gap)
@@ -195,6 +193,14 @@ class Planner:
             return None
         counts = {g: int(c[k]) for (g, c), k in zip(allowed.items(), result.keep, strict=True)}
         return counts, result.gap
+
+    def _beats(self, candidate: Mapping[int, int], incumbent: Mapping[int, int], budget: float,
+               gains: Mapping[int, np.ndarray]) -> bool:
+        """Whether ``candidate`` fits ``budget`` by true prediction and ``incumbent`` either does
+        not or keeps less saliency."""
+        return self.predict(candidate) <= budget and (
+            self.predict(incumbent) > budget or _value(gains, candidate) > _value(gains,
+                                                                                 incumbent))
 
     def _allowed(self, g: int, current: int) -> np.ndarray:
         """Group g's counts up to ``current`` (which is one of them), from 0."""
