@@ -201,9 +201,11 @@ def test_foreign_table_refused_before_training_and_the_flag_named(tmp_path: Path
 
 
 def test_no_module_outside_commands_imports_them() -> None:
-    """Rendering lives in the commands; the library returns data and never reaches back."""
+    """Rendering lives in the commands; the library returns data and never reaches back. The
+    entry points (`halp`, `python -m pipeline.device`) are the command layer too."""
     for path in (ROOT / "pipeline").rglob("*.py"):
-        if "commands" in path.parts or path.name == "cli.py":
+        if "commands" in path.parts or path.relative_to(ROOT).as_posix() in (
+                "pipeline/cli.py", "pipeline/device.py"):
             continue
         text = path.read_text(encoding="utf-8")
         assert ".commands" not in text and "pipeline.commands" not in text, path
