@@ -41,16 +41,20 @@ def solve(problem: Problem, budget: float) -> Result:
     picks = [np.unique(np.r_[0:len(c):-(-len(c) // COARSE), len(c) - 1, f])
              for c, f in zip(problem.counts, fastest, strict=True)]  # the fastest fits: in it
     coarse = problem.restricted(picks)
-    lift = lambda keep: np.array([p[k] for p, k in zip(picks, keep, strict=True)])  # noqa: E731
     over_c, under_c, _, _ = _search(coarse, budget, np.array([len(p) - 1 for p in picks]),
                                     cheapest(coarse))
     rate = (coarse.value(over_c) - coarse.value(under_c)) / (coarse.cost(over_c)
                                                              - coarse.cost(under_c))
-    over, under = _bracket(problem, budget, rate, lift(over_c), lift(under_c))
+    over, under = _bracket(problem, budget, rate, _lift(picks, over_c), _lift(picks, under_c))
     over, under, bound, best = _search(problem, budget, over, under)
     best = max((improve(problem, best, budget), improve(problem, repair(problem, over, budget),
                                                         budget)), key=problem.value)
     return Result(best, problem.value(best), problem.cost(best), max(bound, problem.value(best)))
+
+
+def _lift(picks: list[np.ndarray], keep: np.ndarray) -> np.ndarray:
+    """A choice of the problem restricted to ``picks`` as indices of the full problem."""
+    return np.array([p[k] for p, k in zip(picks, keep, strict=True)])
 
 
 def _bracket(problem: Problem, budget: float, rate: float, over: np.ndarray,
