@@ -24,18 +24,50 @@ MAX_TABLE = 50_000_000
 
 
 @dataclass(frozen=True)
+class _Part:
+    """Inputs of a step summed over the largest of their scopes while still small, so the
+    step's full table is one broadcast sum of a few parts, not of every input."""
+
+    inputs: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]  # each input reshaped to broadcast over the part
+    shape: tuple[int, ...]  # the part reshaped to broadcast over the step's scope
+
+
+@dataclass(frozen=True)
 class _Step:
-    """Eliminate ``var``: add the tables ``inputs`` over ``scope`` (sorted, holding ``var``),
-    maximise over ``var``, leaving a table over the rest of the scope."""
+    """Eliminate ``var``: add the parts over ``scope`` (sorted, holding ``var``), maximise over
+    ``var``, leaving a table over the rest of the scope."""
 
     var: int
     scope: tuple[int, ...]
-    inputs: tuple[int, ...]
-    shapes: tuple[tuple[int, ...], ...]  # each input reshaped to broadcast over ``scope``
+    parts: tuple[_Part, ...]
+
+    @property
+    def axis(self) -> int:
+        return self.scope.index(self.var)
 
     @property
     def rest(self) -> tuple[int, ...]:
         return tuple(v for v in self.scope if v != self.var)
+
+
+def _shape(sizes: Sequence[int], scope: Sequence[int], within: Sequence[int]
+           ) -> tuple[int, ...]:
+    """A table over ``scope`` reshaped to broadcast over ``within`` (which holds it)."""
+    return tuple(sizes[v] if v in scope else 1 for v in within)
+
+
+def _parts(sizes: Sequence[int], scope: tuple[int, ...], inputs: Sequence[int],
+           scopes: Sequence[tuple[int, ...]]) -> tuple[_Part, ...]:
+    """The inputs grouped under the largest of their scopes that hold them (each input in the
+    first such scope)."""
+    tops = sorted({scopes[f] for f in inputs
+                   if not any(set(scopes[f]) < set(scopes[h]) for h in inputs)})
+    members: dict[tuple[int, ...], list[int]] = {top: [] for top in tops}
+    for f in inputs:
+        members[next(t for t in tops if set(scopes[f]) <= set(t))].append(f)
+    return tuple(_Part(tuple(fs), tuple(_shape(sizes, scopes[f], top) for f in fs),
+                       _shape(sizes, top, scope)) for top, fs in members.items())
 
 
 class Eliminator:
@@ -62,9 +94,7 @@ class Eliminator:
                 raise NotCoupled(f"the channel groups are too densely coupled for the coupled "
                                 f"solver (an intermediate table over {len(scope)} groups); use "
                                 "solver='decoupled'")
-            shapes = tuple(tuple(self.sizes[v] if v in scopes[f] else 1 for v in scope)
-                           for f in inputs)
-            step = _Step(var, scope, inputs, shapes)
+            step = _Step(var, scope, _parts(self.sizes, scope, inputs, scopes))
             self.steps.append(step)
             active = (active - set(inputs)) | {len(scopes)}
             scopes.append(step.rest)
@@ -75,18 +105,23 @@ class Eliminator:
     def maximise(self, unary: Sequence[np.ndarray], pairs: Sequence[np.ndarray]
                  ) -> np.ndarray:
         """The value index per variable maximising Σ unary[g][x_g] + Σ pairs[e][x_i, x_j]
-        (``pairs`` in the order of ``edges``); ties go to the lowest index eliminated last."""
+        (``pairs`` in the order of ``edges``); ties go to the lowest index eliminated last.
+
+        Only maxima are tabulated: the maximising value of each variable is found on the way
+        back, along one line of its step's parts, at the values chosen for the rest.
+        """
         tables = [*unary, *pairs]
-        choices = []
+        sums = []
         for step in self.steps:
-            total = sum(tables[f].reshape(shape) for f, shape in
-                        zip(step.inputs, step.shapes, strict=True))
-            axis = step.scope.index(step.var)
-            best = np.argmax(total, axis=axis)
-            tables.append(np.take_along_axis(total, np.expand_dims(best, axis), axis)
-                          .squeeze(axis))
-            choices.append(best)
+            parts = [sum(tables[f].reshape(shape) for f, shape in
+                         zip(part.inputs, part.shapes, strict=True)).reshape(part.shape)
+                     for part in step.parts]
+            tables.append(sum(parts[1:], parts[0]).max(axis=step.axis))
+            sums.append(parts)
         keep = np.zeros(len(self.sizes), dtype=np.int64)
-        for step, best in zip(reversed(self.steps), reversed(choices), strict=True):
-            keep[step.var] = best[tuple(keep[v] for v in step.rest)]
+        for step, parts in zip(reversed(self.steps), reversed(sums), strict=True):
+            line = [part[tuple(slice(None) if v == step.var else keep[v] if n > 1 else 0
+                               for v, n in zip(step.scope, part.shape, strict=True))]
+                    for part in parts]
+            keep[step.var] = int(np.argmax(sum(line[1:], line[0])))
         return keep
