@@ -5,11 +5,15 @@ For a rate λ >= 0 and any choice x within budget B, value(x) <= value(x) + λ (
 elimination over the group graph solves it exactly (:meth:`Problem.relaxed`). L is convex and
 piecewise linear in λ; its minimum is found by the breakpoint search of the dual (the rate
 through the best choices known over and under the budget, until no choice lies above that
-line). The search runs first on a coarse copy (a few counts per group, tables a hundredth the
-size), whose rate brackets the full problem's in a few eliminations. Every relaxed optimum
-under the budget is feasible; local moves (one group's count changed where it pays and fits)
-improve the best one, and repair the last one over budget. The result carries min L over the
-full problem's eliminations as its bound, so ``(bound − value) / bound`` is a certified gap.
+line). The search runs on a coarse copy (a few counts per group, tables a hundredth the size);
+L(λ) bounds the full problem at any λ, so one elimination of the full problem at the coarse
+rate gives a bound, and its relaxed optimum, brought within budget and improved by local moves
+(one group's count changed where it pays and fits), a feasible choice. On real networks the two
+are then within :data:`GAP` and the solve ends there (each full elimination of a ResNet-50 at 8
+channels a unit is ~20 ms); otherwise the breakpoint search goes on over the full problem from a
+bracket of the coarse rate, and the best relaxed optimum within budget and the last one over,
+each polished, join the candidates. The result carries min L over the full problem's
+eliminations as its bound, so ``(bound − value) / bound`` is a certified gap.
 """
 
 from __future__ import annotations
@@ -22,33 +26,46 @@ from .coupled import Problem, Result, cheapest, infeasible
 MAX_ROUNDS = 200
 #: choices per group in the coarse problem that brackets the rate before the full one
 COARSE = 8
+#: relative gap that certifies the relaxed optimum at the coarse rate (the issue asks 0.1%)
+GAP = 1e-4
 #: rate steps (factor, tries) from the coarse optimum to a bracket of the full one
 BRACKET_STEP, BRACKET_TRIES = 1.03, 4
 
 
-def solve(problem: Problem, budget: float) -> Result:
+def solve(problem: Problem, budget: float, *, gap: float = GAP) -> Result:
     """A feasible choice within ``budget`` and an upper bound on the optimum (InfeasibleBudget
-    when even the fastest network is over)."""
-    fastest = cheapest(problem)
-    if problem.cost(fastest) > budget:
-        raise infeasible(problem.cost(fastest), budget)
+    when even the fastest network is over); the full search is skipped when the coarse copy's
+    rate already certifies a choice within ``gap`` (relative) of its bound."""
     over = np.array([int(np.argmax(v)) for v in problem.values])  # the best ignoring budget
     if problem.cost(over) <= budget:
         value = problem.value(over)
         return Result(over, value, problem.cost(over), value)
-    # a coarse copy (every few counts) brackets the rate cheaply; its choices are choices of the
+    # a coarse copy (every few counts) finds the rate cheaply; its choices are choices of the
     # full problem, but only eliminations of the full problem give valid bounds
-    picks = [np.unique(np.r_[0:len(c):-(-len(c) // COARSE), len(c) - 1, f])
-             for c, f in zip(problem.counts, fastest, strict=True)]  # the fastest fits: in it
+    picks = [np.unique(np.r_[0:len(c):-(-len(c) // COARSE), len(c) - 1]) for c in problem.counts]
     coarse = problem.restricted(picks)
+    under_c = cheapest(coarse)
+    if coarse.cost(under_c) > budget:  # only then is the full problem's fastest needed
+        fastest = cheapest(problem)
+        if problem.cost(fastest) > budget:
+            raise infeasible(problem.cost(fastest), budget)
+        picks = [np.union1d(p, f) for p, f in zip(picks, fastest, strict=True)]
+        coarse = problem.restricted(picks)
+        under_c = cheapest(coarse)
     over_c, under_c, _, _ = _search(coarse, budget, np.array([len(p) - 1 for p in picks]),
-                                    cheapest(coarse))
-    rate = (coarse.value(over_c) - coarse.value(under_c)) / (coarse.cost(over_c)
-                                                             - coarse.cost(under_c))
-    over, under = _bracket(problem, budget, rate, _lift(picks, over_c), _lift(picks, under_c))
-    over, under, bound, best = _search(problem, budget, over, under)
-    best = max((improve(problem, best, budget), improve(problem, repair(problem, over, budget),
-                                                        budget)), key=problem.value)
+                                    under_c)
+    over, under = _lift(picks, over_c), _lift(picks, under_c)
+    rate = max(0.0, (problem.value(over) - problem.value(under)) / (problem.cost(over)
+                                                                    - problem.cost(under)))
+    x = problem.relaxed(1.0, rate)
+    bound = problem.value(x) - rate * (problem.cost(x) - budget)
+    best = polish(problem, x, budget)
+    if problem.value(best) < (1 - gap) * bound:  # not certified at the coarse rate
+        over, _, full_bound, found = _search(problem, budget,
+                                                 *_bracket(problem, budget, rate, x, over, under))
+        bound = min(bound, full_bound)
+        best = max((best, polish(problem, found, budget), polish(problem, over, budget)),
+                   key=problem.value)
     return Result(best, problem.value(best), problem.cost(best), max(bound, problem.value(best)))
 
 
@@ -57,19 +74,18 @@ def _lift(picks: list[np.ndarray], keep: np.ndarray) -> np.ndarray:
     return np.array([p[k] for p, k in zip(picks, keep, strict=True)])
 
 
-def _bracket(problem: Problem, budget: float, rate: float, over: np.ndarray,
+def _bracket(problem: Problem, budget: float, rate: float, x: np.ndarray, over: np.ndarray,
              under: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Relaxed optima of the full problem over and within budget at rates near ``rate`` (the
-    coarse problem's optimum), so the search starts from a tight bracket; ``over`` and
-    ``under`` where none is found in a few tries."""
-    found: dict[bool, np.ndarray] = {}
-    for _ in range(BRACKET_TRIES):
-        x = problem.relaxed(1.0, rate)
-        fits = problem.cost(x) <= budget
-        found.setdefault(fits, x)
+    coarse problem's optimum, where ``x`` is the relaxed optimum), so the search starts from a
+    tight bracket; ``over`` and ``under`` where none is found in a few tries."""
+    found = {problem.cost(x) <= budget: x}
+    for _ in range(BRACKET_TRIES - 1):
         if len(found) == 2:
             break
-        rate *= 1 / BRACKET_STEP if fits else BRACKET_STEP
+        rate *= 1 / BRACKET_STEP if True in found else BRACKET_STEP
+        x = problem.relaxed(1.0, rate)
+        found.setdefault(problem.cost(x) <= budget, x)
     return found.get(False, over), found.get(True, under)
 
 
@@ -116,6 +132,11 @@ def _moves(problem: Problem, keep: np.ndarray, g: int) -> tuple[np.ndarray, np.n
         elif j == g:
             cost += table[keep[i], :]
     return problem.values[g], cost
+
+
+def polish(problem: Problem, keep: np.ndarray, budget: float) -> np.ndarray:
+    """``keep`` brought within budget (:func:`repair`), then improved (:func:`improve`)."""
+    return improve(problem, repair(problem, keep, budget), budget)
 
 
 def improve(problem: Problem, keep: np.ndarray, budget: float) -> np.ndarray:

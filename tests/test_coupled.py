@@ -13,7 +13,7 @@ from _tables import mac_table
 from test_planner import SPEC, _table
 
 from pipeline.coupled import Problem, cheapest, network_problem, solve_milp
-from pipeline.coupled_dual import solve
+from pipeline.coupled_dual import COARSE, GAP, solve
 from pipeline.errors import HalpError, InfeasibleBudget
 from pipeline.group_graph import Eliminator
 from pipeline.lut import LatencyTable
@@ -101,13 +101,38 @@ def test_fast_solver_is_feasible_and_its_bound_holds(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_solver_bound_holds_with_many_counts(seed: int) -> None:
-    """Groups with more counts than the coarse copy keeps (its bracketing and the full search
-    both run), budgets down to the fastest network: HiGHS's optimum within the bound."""
+    """Groups with more counts than the coarse copy keeps, budgets down to the fastest network:
+    HiGHS's optimum within the bound whether the coarse rate certifies the answer (any gap
+    accepted), the full search runs (none accepted), or the default decides."""
     problem = random_problem(seed, groups=6, choices=24)
     for budget in budgets(problem, 7):
+        exact = solve_milp(problem, budget)
+        for gap in (1.0, 0.0, GAP):
+            fast = solve(problem, budget, gap=gap)
+            assert fast.cost <= budget
+            assert exact.value <= fast.bound * (1 + 1e-9)
+            assert fast.value <= exact.bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_solver_finds_a_fastest_network_off_the_coarse_grid(seed: int) -> None:
+    """Latency dips at a count the coarse copy skips (tables are not monotone): at budgets
+    only such networks meet, the solver still answers, within HiGHS's bound, and below them
+    names the true minimum."""
+    problem = random_problem(seed, groups=6, choices=24)
+    dipped = [g for g, unary in enumerate(problem.unary) if len(unary) > COARSE]
+    for g in dipped:  # all but the second count slower: the coarse copy keeps every other one
+        problem.unary[g][np.arange(len(problem.unary[g])) != 1] += 1e3
+    fastest = cheapest(problem)
+    assert dipped and all(fastest[g] == 1 for g in dipped)
+    minimum = problem.cost(fastest)
+    for budget in (minimum, minimum * 1.01):
         fast, exact = solve(problem, budget), solve_milp(problem, budget)
         assert fast.cost <= budget
-        assert exact.value <= fast.bound * (1 + 1e-9) and fast.value <= exact.bound * (1 + 1e-9)
+        assert exact.value <= fast.bound * (1 + 1e-9)
+    with pytest.raises(InfeasibleBudget) as info:
+        solve(problem, 0.999 * minimum)
+    assert math.isclose(info.value.minimum, minimum)
 
 
 def test_fast_solver_names_the_minimum_when_nothing_fits() -> None:
@@ -150,6 +175,25 @@ def test_fast_solver_matches_highs_on_a_real_network(seed: int) -> None:
         assert fast.value <= exact.bound * (1 + 1e-9)
         assert exact.value <= fast.bound * (1 + 1e-9)
         assert fast.gap <= 1e-2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elimination_matches_brute_force_on_a_dense_graph(seed: int) -> None:
+    """Five variables, every pair but one coupled: steps add tables of several scopes (pairs,
+    the tables earlier steps left) before maximising."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 6, size=5).tolist()
+    edges = [(i, j) for i in range(5) for j in range(i + 1, 5) if (i, j) != (0, 4)]
+    unary = [rng.standard_normal(n) for n in sizes]
+    pairs = [rng.standard_normal((sizes[i], sizes[j])) for i, j in edges]
+
+    def total(keep: tuple[int, ...]) -> float:
+        return sum(u[k] for u, k in zip(unary, keep, strict=True)) + sum(
+            t[keep[i], keep[j]] for (i, j), t in zip(edges, pairs, strict=True))
+
+    best = max(itertools.product(*map(range, sizes)), key=total)
+    keep = Eliminator(sizes, edges).maximise(unary, pairs)
+    assert total(tuple(keep)) == pytest.approx(total(best), rel=1e-12)
 
 
 def test_a_densely_coupled_graph_is_refused_with_the_way_out() -> None:
