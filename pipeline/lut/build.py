@@ -46,7 +46,6 @@ def build_lut(
     """
     step = step or backend.default_step
     settings = Settings(step, max_points, seed, passes, protocol(spec))
-    settings.check()
     x = example_input if example_input is not None else torch.randn(*spec.input_shape)
 
     def refs() -> list[Reference]:
@@ -65,7 +64,6 @@ def plan_job(spec: NetworkSpec, model: nn.Module, example_input: torch.Tensor, *
     write the job to ``out`` and the reference networks, exported to ONNX, to ``<out>.refs/``.
     """
     settings = Settings(step, max_points, seed, passes, protocol(spec))
-    settings.check()
     out = Path(out)
     folder = out.parent / f"{out.name}.refs"
     refs = []

@@ -58,7 +58,7 @@ class Settings:
     protocol: dict[str, Any]
     shard: list[int] | None = None
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.step < 1 or self.passes < 1 or (self.max_points is not None
                                                 and self.max_points < 2):
             raise HalpError(f"step and passes must be >= 1 and max_points >= 2 (got step="
@@ -98,7 +98,6 @@ def measure_table(spec: NetworkSpec, entries: dict[str, LutEntry], backend: Back
     median under median), so on a machine whose speed drifts an entry is not stuck with the
     one slow spell it happened to be measured in.
     """
-    settings.check()
     described = backend.describe()
     header = journal_header(described, asdict(settings))
     existing = _existing(out, spec, header, complete=settings.shard is None)
