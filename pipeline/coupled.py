@@ -108,13 +108,12 @@ class Result:
 
 
 def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, np.ndarray],
-                    values: Mapping[int, np.ndarray], *,
-                    prices: dict[tuple[str, int, int], float] | None = None) -> Problem:
+                    values: Mapping[int, np.ndarray]) -> Problem:
     """The coupled problem of ``spec`` priced by ``lut``: group ``g`` (keys of ``counts``, in
     order) may keep ``counts[g][k]`` channels, worth ``values[g][k]``; other groups stay dense.
 
-    ``prices`` caches table queries by (signature, cin, cout) across calls (a table interpolates
-    most of the tens of thousands of points a ResNet-50 asks for: about a second the first time).
+    A ResNet-50 asks the table for tens of thousands of points (about a second, most of them
+    interpolated): build once and take :meth:`Problem.restricted` copies, as the planner does.
     """
     keys = list(counts)
     position = {g: i for i, g in enumerate(keys)}
@@ -122,7 +121,6 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
     unary = [np.zeros(len(c)) for c in options]
     pairs: dict[tuple[int, int], np.ndarray] = {}
     constant = lut.constant_ms or 0.0
-    prices = {} if prices is None else prices  # layers of one signature share entries
     for layer in spec.layers:
         touched = sorted({position[g] for g, _ in layer.in_sources if g in position}
                          | ({position[layer.out_group]} if layer.out_group in position else set()))
@@ -132,13 +130,8 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
                             "solver='decoupled'")
         groups = [keys[i] for i in touched]
 
-        def price(*chosen: int, layer: LayerSpec = layer, groups: list[int] = groups,
-                  signature: str = layer.signature) -> float:
-            dims = layer.dims(dict(zip(groups, chosen, strict=True)))
-            key = (signature, *dims)
-            if key not in prices:
-                prices[key] = lut.latency(layer, *dims)
-            return prices[key]
+        def price(*chosen: int, layer: LayerSpec = layer, groups: list[int] = groups) -> float:
+            return lut.latency(layer, *layer.dims(dict(zip(groups, chosen, strict=True))))
 
         if not touched:
             constant += price()

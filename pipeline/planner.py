@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import coupled, coupled_dual
+from .config import SOLVERS
 from .errors import HalpError, InfeasibleBudget, NotCoupled
-from .kinds import Solver
 from .knapsack import solve as solve_knapsack
 from .spec import NetworkSpec
 
@@ -47,8 +47,6 @@ if TYPE_CHECKING:  # only its methods are called: keeps this module free of torc
 DEFAULT_UNIT = 8
 #: re-solves with a tightened budget before the greedy fallback takes over
 MAX_TIGHTEN = 12
-#: the solvers :meth:`Planner.solve` takes (module docstring)
-SOLVERS = tuple(s.value for s in Solver)
 
 Scores = Mapping[int, Sequence[float] | np.ndarray]
 Kept = Mapping[int, Sequence[int] | np.ndarray]
@@ -98,7 +96,9 @@ class Planner:
         self._charged = {g: [la for la in spec.layers if la.out_group == g] for g in self.groups}
         self._touching = {g: [la for la in spec.layers if la.out_group == g
                               or any(s == g for s, _ in la.in_sources)] for g in self.groups}
-        self._prices: dict[tuple[str, int, int], float] = {}  # the coupled solver's queries
+        #: the coupled problem over every grid count, built on the first coupled step (or why
+        #: the network cannot be priced coupled); each step solves a restriction of it
+        self._coupled_base: coupled.Problem | NotCoupled | None = None
         #: prediction of the dense network
         self.dense_ms = self.predict()
         smallest = self.predict({g: int(c[1]) for g, c in self._choices.items()})
@@ -180,9 +180,7 @@ class Planner:
         default) when the network cannot be priced coupled (:class:`NotCoupled`)."""
         allowed = {g: self._allowed(g, current[g])[1:] for g in self.groups}
         try:
-            problem = coupled.network_problem(self.spec, self.lut, allowed,
-                                              {g: gains[g][c] for g, c in allowed.items()},
-                                              prices=self._prices)
+            problem = self._coupled_problem(allowed, gains)
             result = (coupled.solve_milp if solver == "highs" else coupled_dual.solve)(
                 problem, budget)
         except InfeasibleBudget:
@@ -193,6 +191,27 @@ class Planner:
             return None
         counts = {g: int(c[k]) for (g, c), k in zip(allowed.items(), result.keep, strict=True)}
         return counts, result.gap
+
+    def _coupled_problem(self, allowed: Mapping[int, np.ndarray],
+                         gains: Mapping[int, np.ndarray]) -> coupled.Problem:
+        """The coupled problem over the ``allowed`` counts, worth ``gains``: a restriction of
+        the one built over the whole grid (the table is queried once per planner, not once per
+        step), or built afresh where a caller's ``keep`` put a count off the grid."""
+        values = {g: gains[g][c] for g, c in allowed.items()}
+        if not all(np.isin(c, self._choices[g]).all() for g, c in allowed.items()):
+            return coupled.network_problem(self.spec, self.lut, allowed, values)
+        if self._coupled_base is None:
+            try:
+                self._coupled_base = coupled.network_problem(
+                    self.spec, self.lut, {g: c[1:] for g, c in self._choices.items()},
+                    {g: np.zeros(len(c) - 1) for g, c in self._choices.items()})
+            except NotCoupled as exc:
+                self._coupled_base = exc
+        if isinstance(self._coupled_base, NotCoupled):
+            raise self._coupled_base
+        picks = [np.flatnonzero(np.isin(self._choices[g][1:], allowed[g])) for g in self.groups]
+        return replace(self._coupled_base.restricted(picks),
+                       values=[values[g] for g in self.groups])
 
     def _beats(self, candidate: Mapping[int, int], incumbent: Mapping[int, int], budget: float,
                gains: Mapping[int, np.ndarray]) -> bool:

@@ -76,7 +76,7 @@ class HalpPruner:
     an absolute budget; give exactly one. ``unit`` is channels per pruning unit (an int, or
     {group id: int} over the default: the LUT's grid step, else 8). The stem (first layer run
     on the input) and the classifier output are never pruned; ``ignore`` names more layers to
-    leave alone. ``solver`` is the planner's knapsack (:data:`~pipeline.planner.SOLVERS`;
+    leave alone. ``solver`` is the planner's knapsack (:data:`~pipeline.config.SOLVERS`;
     default ``"coupled"``: every layer at its true (cin, cout)). Every decision comes from
     :attr:`planner` (a model-free :class:`~pipeline.planner.Planner`); the pruner keeps
     saliency, masks and the schedule.
