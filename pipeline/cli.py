@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable, Sequence
 
 from .errors import HalpError
 
@@ -32,19 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the arguments (torch-free, see :mod:`pipeline.commands.common`), then
     run the command; a HalpError becomes its message and exit status 2, like a bad flag."""
+    return run_parsed(build_parser(), argv, lambda args: f"halp {args.command}")
+
+
+def run_parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+               name: Callable[[argparse.Namespace], str],
+               interrupted: Callable[[argparse.Namespace], str] = lambda _: "interrupted") -> int:
+    """The exit status of ``args.func(args)`` for the arguments ``parser`` reads from
+    ``argv``: a refused argument (argparse explained it) or a HalpError is 2, with the error
+    after the command's ``name``; Ctrl-C is 130, saying ``interrupted``. Every entry point
+    (`halp`, `python -m pipeline.device`) runs its command so."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0), or a refused argument argparse already explained (2)
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s")
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False)
+                        else logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
     except HalpError as exc:
-        print(f"halp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name(args)}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"halp {args.command}: interrupted", file=sys.stderr)
+        print(f"{name(args)}: {interrupted(args)}", file=sys.stderr)
         return 130
 
 

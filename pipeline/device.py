@@ -16,7 +16,6 @@ the same code ``halp lut build`` runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,16 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .commands.common import OUTPUT_FILE, READABLE_FILE, add_backend_args, backend_from_args
+from .cli import run_parsed
+from .commands.common import (
+    OUTPUT_FILE,
+    READABLE_FILE,
+    add_backend_args,
+    backend_from_args,
+    checked,
+)
 from .errors import HalpError
 from .lut.job import Job
 from .lut.measure import Reference, measure_table
 
 
-def parse_shard(text: str | None) -> list[int] | None:
-    """``"i/n"`` as [i, n] (1 <= i <= n), or None for the whole table."""
-    if text is None:
-        return None
+def parse_shard(text: str) -> list[int]:
+    """``"i/n"`` as [i, n] (1 <= i <= n): an argparse type (:func:`checked`)."""
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
@@ -50,19 +54,20 @@ def _parser() -> argparse.ArgumentParser:
                     "torch; an interrupted build resumes from its journal.")
     parser.add_argument("job", type=READABLE_FILE, help="the job (JSON) from `halp lut plan`")
     add_backend_args(parser)
-    parser.add_argument("--shard", default=None,
+    parser.add_argument("--shard", type=checked(parse_shard), default=None,
                         help="i/n: measure every n-th point from the i-th (one device of n); "
                              "shard 1 also measures the calibration references")
     parser.add_argument("--out", required=True, type=OUTPUT_FILE,
                         help="table (or shard) to write (JSON); journal beside it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     job_path = Path(args.job)
     job = Job.load(job_path)
-    shard = parse_shard(args.shard)
+    shard = args.shard
     backend = backend_from_args(args)
 
     def references() -> list[Reference]:
@@ -89,20 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except HalpError as exc:
-        print(f"pipeline.device: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"pipeline.device: interrupted; progress is kept in {args.out}.journal: rerun the "
-              "same command to resume", file=sys.stderr)
-        return 130
+    return run_parsed(_parser(), argv, lambda _: "pipeline.device",
+                      lambda args: f"interrupted; progress is kept in {args.out}.journal: rerun "
+                                   "the same command to resume")
 
 
 if __name__ == "__main__":

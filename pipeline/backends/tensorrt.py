@@ -277,7 +277,8 @@ class TensorRTBackend(OnnxBackend):
 
     def _typed(self, model: onnx.ModelProto | bytes | str | Path) -> bytes:
         """The ONNX model at the backend's precision, serialized: at fp16 every float tensor
-        float16 (:func:`~pipeline.onnx_fp16.to_float16`; a graph typed so already is kept)."""
+        float16 (:func:`~pipeline.onnx_fp16.to_float16`; an already-float16 graph converts to
+        itself)."""
         if self.precision != Precision.FP16:
             return onnx_bytes(model)
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(

@@ -47,18 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "build resumes from its journal.")
     add_model_args(b)
     add_backend_args(b)
-    b.add_argument("--step", type=POSITIVE_INT, default=None,
-                   help="channel grid step for prunable sides (default: the backend's channel "
-                        "block, 16 on AVX-512 CPUs, else 8); also the pruning unit")
-    b.add_argument("--max-points", type=checked(parse_points, at_least(2)),
-                   default=DEFAULT_MAX_POINTS,
-                   help="at most this many grid points per channel axis (default "
-                        f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step, slower)")
-    b.add_argument("--passes", type=POSITIVE_INT, default=DEFAULT_PASSES,
-                   help="measure every point this many times, in separately shuffled passes, "
-                        "combined by the timing protocol (fastest on CPU, median on GPU); "
-                        f"default {DEFAULT_PASSES}: a shared or throttling machine has slow "
-                        "spells of seconds, and one pass leaves points measured in them")
+    _add_grid_args(b, None, "the backend's channel block, 16 on AVX-512 CPUs, else 8")
     b.add_argument("--out", required=True, type=OUTPUT_FILE,
                    help="table to write (JSON); journal beside it")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,16 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "point the model's layers need, the settings, and the calibration "
                            "references exported to ONNX beside it (<out>.refs/).")
     add_model_args(j)
-    j.add_argument("--step", type=POSITIVE_INT, default=DEVICE_STEP,
-                   help="channel grid step for prunable sides, the device's channel block "
-                        f"(default {DEVICE_STEP}, TensorRT's; 16 for AVX-512 CPUs); also the "
-                        "pruning unit")
-    j.add_argument("--max-points", type=checked(parse_points, at_least(2)),
-                   default=DEFAULT_MAX_POINTS,
-                   help=f"at most this many grid points per channel axis (default "
-                        f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step)")
-    j.add_argument("--passes", type=POSITIVE_INT, default=DEFAULT_PASSES,
-                   help=f"measure every point this many times (default {DEFAULT_PASSES})")
+    _add_grid_args(j, DEVICE_STEP, f"{DEVICE_STEP}, a GPU's; 16 for AVX-512 CPUs")
     j.add_argument("--out", required=True, type=OUTPUT_FILE, help="job to write (JSON)")
     j.set_defaults(func=run_plan)
 
@@ -101,6 +81,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "against its network and calibrated on the references a shard measured")
     m.add_argument("-o", "--out", required=True, type=OUTPUT_FILE)
     m.set_defaults(func=run_merge)
+
+
+def _add_grid_args(parser: argparse.ArgumentParser, step: int | None, step_default: str) -> None:
+    """--step, --max-points and --passes: what a table measures, as `halp lut build` and
+    `halp lut plan` both take it."""
+    parser.add_argument("--step", type=POSITIVE_INT, default=step,
+                        help=f"channel grid step for prunable sides (default: {step_default}); "
+                             "also the pruning unit")
+    parser.add_argument("--max-points", type=checked(parse_points, at_least(2)),
+                        default=DEFAULT_MAX_POINTS,
+                        help="at most this many grid points per channel axis (default "
+                             f"{DEFAULT_MAX_POINTS}; 'all': every multiple of the step, slower)")
+    parser.add_argument("--passes", type=POSITIVE_INT, default=DEFAULT_PASSES,
+                        help="measure every point this many times, in separately shuffled "
+                             "passes, combined by the timing protocol (fastest on CPU, median on "
+                             f"GPU); default {DEFAULT_PASSES}: a shared or throttling machine has "
+                             "slow spells of seconds, and one pass leaves points measured in them")
 
 
 def run_build(args: argparse.Namespace) -> int:

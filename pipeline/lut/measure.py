@@ -28,7 +28,7 @@ from ..errors import HalpError, LutMismatch
 from ..onnx_layers import COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS, copies_for
 from ..progress import progress as progress_bar
 from ..spec import NetworkSpec
-from .grid import PROTOCOL, LutEntry, layer_from_geometry, working_set
+from .grid import PROTOCOL, LutEntry, Point, layer_from_geometry, working_set
 from .journal import Journal, journal_header, journal_path
 from .schema import utc_now
 from .table import LatencyTable
@@ -82,7 +82,7 @@ def tasks_of(entries: Mapping[str, LutEntry], shard: Sequence[int] | None = None
     return tasks if shard is None else tasks[shard[0] - 1::shard[1]]
 
 
-def measure_table(spec: NetworkSpec, entries: dict[str, LutEntry], backend: Backend,
+def measure_table(spec: NetworkSpec, entries: Mapping[str, LutEntry], backend: Backend,
                   settings: Settings, out: Path,
                   references: Callable[[], Sequence[Reference]] = lambda: (), *,
                   model: str = "", progress: bool = True) -> LatencyTable:
@@ -104,11 +104,7 @@ def measure_table(spec: NetworkSpec, entries: dict[str, LutEntry], backend: Back
     if existing is not None:
         return existing
     tasks = tasks_of(entries, settings.shard)
-    wanted = {(sig, ci, co) for sig, ci, co in tasks}
-    for sig in list(entries):
-        entries[sig].points = {k: None for k in entries[sig].points if (sig, *k) in wanted}
-        if not entries[sig].points:
-            del entries[sig]
+    entries = _holding(entries, tasks)
     journal = Journal(journal_path(out), header)
     if journal.taken:
         log.info("resuming %s: %d of %d measurements already taken", journal.path,
@@ -120,6 +116,16 @@ def measure_table(spec: NetworkSpec, entries: dict[str, LutEntry], backend: Back
     table.save(out)
     journal.path.unlink(missing_ok=True)
     return table
+
+
+def _holding(entries: Mapping[str, LutEntry], tasks: list[Task]) -> dict[str, LutEntry]:
+    """Copies of the ``entries`` that ``tasks`` (a shard's share) measure, each with only
+    those points: the caller's plan is left as it was."""
+    points: dict[str, dict[Point, None]] = {}
+    for sig, cin, cout in tasks:
+        points.setdefault(sig, {})[(cin, cout)] = None
+    return {sig: LutEntry(dict(e.layer_example), list(e.layers), points[sig])
+            for sig, e in entries.items() if sig in points}
 
 
 def _existing(out: Path, spec: NetworkSpec, header: dict[str, Any], *,
