@@ -14,6 +14,9 @@ from onnx import NodeProto, helper
 
 from .context_ops import Op
 
+#: ONNX Runtime's domain for its blocked-layout (NCHWc) conversions on x86 CPUs
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
 
 def activation_nodes(act: str, src: str, out: str,
                      pre: str = "") -> tuple[list[NodeProto], dict[str, np.ndarray]]:
@@ -32,11 +35,19 @@ def activation_nodes(act: str, src: str, out: str,
     return [helper.make_node(op_type, [src], [out])], {}
 
 
-def onnx_nodes(ops: Sequence[Op], src: str, out: str,
-               pre: str) -> tuple[list[NodeProto], dict[str, np.ndarray]]:
+def onnx_nodes(ops: Sequence[Op], src: str, out: str, pre: str, *,
+               blocked_products: int = 0) -> tuple[list[NodeProto], dict[str, np.ndarray]]:
     """ONNX nodes applying ``ops`` (a prologue or an epilogue) to ``src``, writing ``out``;
     products read graph inputs ``r<i>`` (:func:`pipeline.context_ops.extra_inputs`), other
-    names start with ``pre``."""
+    names start with ``pre``.
+
+    ``blocked_products``: the channel count of a product's feature map when the runtime keeps
+    feature maps in its blocked layout but multiplies by a per-channel scale in NCHW (ONNX
+    Runtime's NCHWc on x86): the network then converts the map out of the blocked layout
+    before the product and the result back into it for the next convolution, two passes over
+    the whole map per squeeze-and-excitation block. The product pays both here, with the
+    runtime's own conversion ops, so a table prices what the network runs.
+    """
     nodes: list[NodeProto] = []
     consts: dict[str, np.ndarray] = {}
     for i, op in enumerate(ops):
@@ -47,7 +58,15 @@ def onnx_nodes(ops: Sequence[Op], src: str, out: str,
             nodes += more
             consts.update(extra)
         elif kind == "mul":
-            nodes.append(helper.make_node("Mul", [src, f"r{i}"], [dst]))
+            other = f"r{i}"
+            if blocked_products:
+                nodes += [helper.make_node("ReorderInput", [other], [f"{pre}ctx{i}_blocked"],
+                                           domain=NCHWC_DOMAIN),
+                          helper.make_node("ReorderOutput", [f"{pre}ctx{i}_blocked"],
+                                           [f"{pre}ctx{i}_plain"], domain=NCHWC_DOMAIN,
+                                           channels=blocked_products)]
+                other = f"{pre}ctx{i}_plain"
+            nodes.append(helper.make_node("Mul", [src, other], [dst]))
         elif kind == "gap":
             nodes.append(helper.make_node("GlobalAveragePool", [src], [dst]))
         else:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from . import context_ops
 from .errors import UnsupportedLayer
 from .kinds import OpKind
-from .onnx_context import activation_nodes, onnx_nodes
+from .onnx_context import NCHWC_DOMAIN, activation_nodes, onnx_nodes
 from .onnx_weights import DetachedModel, initializer
 from .spec import LayerSpec
 
@@ -186,10 +186,11 @@ def _main_nodes(layer: LayerSpec, groups: int, weights: dict[str, np.ndarray],
 
 
 def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
-                weights: dict[str, np.ndarray], out: str,
-                pre: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+                weights: dict[str, np.ndarray], out: str, pre: str, *,
+                blocked: bool = False) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
     """One instance of the layer reading ``x``: its prologue, the conv/linear with bias and
-    activation, its epilogue (:mod:`pipeline.layer_context`)."""
+    activation, its epilogue (:mod:`pipeline.layer_context`); ``blocked``: its products pay
+    the runtime's layout conversions (:func:`~pipeline.onnx_context.onnx_nodes`)."""
     nodes: list[onnx.NodeProto] = []
     inits: dict[str, np.ndarray] = {}
     src = "x"
@@ -207,7 +208,8 @@ def _layer_copy(layer: LayerSpec, cin: int, cout: int, groups: int,
         more, own = activation_nodes(layer.act, core, act, pre)
         nodes, inits, core = nodes + more, {**inits, **own}, act
     if layer.post:
-        more, own = onnx_nodes(layer.post, core, out, f"{pre}post_")
+        more, own = onnx_nodes(layer.post, core, out, f"{pre}post_",
+                               blocked_products=cout if blocked else 0)
         nodes, inits = nodes + more, {**inits, **own}
     return nodes, inits
 
@@ -226,8 +228,11 @@ def _model(layer: LayerSpec, cin: int, cout: int, nodes: list[onnx.NodeProto],
         initializer=[initializer(k, v, detach=detach) for k, v in inits.items()],
     )
     opsets = [helper.make_opsetid("", opset)]
+    ir_version = helper.find_min_ir_version_for(opsets)
+    if any(n.domain == NCHWC_DOMAIN for n in nodes):  # a runtime's own domain: no IR minimum
+        opsets.append(helper.make_opsetid(NCHWC_DOMAIN, 1))
     return helper.make_model(graph, opset_imports=opsets, producer_name="halp-pipeline",
-                             ir_version=helper.find_min_ir_version_for(opsets))
+                             ir_version=ir_version)
 
 
 def layer_model(layer: LayerSpec, cin: int, cout: int, *, seed: int = 0,
@@ -273,14 +278,16 @@ def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
 
 
 def packed_model(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,
-                 outputs: str = "one", opset: int = 17) -> onnx.ModelProto:
+                 outputs: str = "one", blocked: bool = False,
+                 opset: int = 17) -> onnx.ModelProto:
     """:func:`packed_graph` as one self-contained model."""
-    return packed_graph(layer, cin, cout, copies, seed=seed, outputs=outputs,
+    return packed_graph(layer, cin, cout, copies, seed=seed, outputs=outputs, blocked=blocked,
                         opset=opset).embedded()
 
 
 def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: int = 0,
-                 outputs: str = "one", opset: int = 17) -> DetachedModel:
+                 outputs: str = "one", blocked: bool = False,
+                 opset: int = 17) -> DetachedModel:
     """``copies`` instances of the layer at (cin, cout) in one graph, each with its own
     weights, all reading the one input ``x``: one run of it, divided by ``copies``, is what the
     layer costs inside a network (:func:`copies_for`).
@@ -291,7 +298,14 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
     the first copy's (for a convolution; a linear layer's own output), so no run pays a layout
     conversion of a whole feature map that the network does not have. ``"all"``: every copy's
     output ``y``, ``y_1``, ... leaves the graph whole, for runtimes that remove unused layers
-    (TensorRT).
+    (TensorRT). ``blocked``: the runtime computes feature maps in a blocked layout and
+    per-channel products in NCHW, so each copy's product pays the two conversions the network
+    pays around it (ONNX Runtime's NCHWc ops; :func:`~pipeline.onnx_context.onnx_nodes`).
+
+    Every copy runs its own prologue on the shared input (a pooling before a squeeze-and-
+    excitation layer or a classifier): a runtime that merges identical nodes must be told not
+    to (ONNX Runtime: :data:`~pipeline.backends.onnxruntime.PACKED_DISABLED_OPTIMIZERS`), or
+    the copies share one pooling that the network runs once per layer.
     """
     if copies < 1 or outputs not in ("one", "all"):
         raise ValueError(f"copies must be >= 1 and outputs 'one' or 'all' "
@@ -306,7 +320,8 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
     for i, out in enumerate(names):
         # distinct values: every copy really owns its memory (no runtime may share it)
         weights = {k: v * np.float32(1.0 + 1e-3 * i) if i else v for k, v in base.items()}
-        more, own = _layer_copy(layer, cin, cout, groups, weights, out, f"c{i}_")
+        more, own = _layer_copy(layer, cin, cout, groups, weights, out, f"c{i}_",
+                                blocked=blocked)
         nodes += more
         inits.update(own)
     kept = [(n, shape) for n in (names if outputs == "all" else names[:1])]
@@ -316,6 +331,23 @@ def packed_graph(layer: LayerSpec, cin: int, cout: int, copies: int, *, seed: in
     model = _model(layer, cin, cout, nodes, inits, kept, opset, detach=True)
     return DetachedModel(model, {t.name: inits[t.name] for t in model.graph.initializer
                                  if t.data_location == TensorProto.EXTERNAL})
+
+
+def fixed_part(layer: LayerSpec, cin: int, cout: int, *, opset: int = 17) -> onnx.ModelProto:
+    """What a run of a packed graph costs besides its copies: the same inputs, converted into
+    the runtime's layout as the copies need them (and that only once per run), and one small
+    output written, but no copy of the layer. A runtime whose run call and input conversion are
+    a noticeable share of a one-copy point (ONNX Runtime: 0.01-0.03 ms against a 0.3 ms
+    convolution) subtracts this from the packed graph's time; inside the network neither
+    happens per layer (the call once per network, which the calibration constant holds)."""
+    groups_at(layer, cin, cout)
+    shape = _input_shape(layer, cin)
+    if len(shape) > 2:
+        node = _corner("x", "y", shape[2:])
+        out = (*shape[:2], *[1] * len(shape[2:]))
+    else:  # a linear layer's (N, C) input: the run call is all there is
+        node, out = helper.make_node("Identity", ["x"], ["y"]), shape
+    return _model(layer, cin, cout, [node], {}, [("y", out)], opset)
 
 
 def _corner(src: str, out: str, spatial: tuple[int, ...]) -> onnx.NodeProto:

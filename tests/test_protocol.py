@@ -4,17 +4,32 @@ and the calibration check speaks up when the table and the device disagree."""
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torchvision.ops.misc import SqueezeExcitation
 
-from pipeline.backends import get_backend
+from pipeline.backends import Measurement, get_backend
+from pipeline.backends.onnxruntime import PACKED_DISABLED_OPTIMIZERS, cpu_blocks_feature_maps
 from pipeline.backends.timing import interleaved
 from pipeline.calibration import SCALE_RANGE, fit
 from pipeline.commands.lut import _check_lines
+from pipeline.kinds import Statistic
 from pipeline.lut import LatencyTable, working_set
-from pipeline.onnx_layers import copies_for, layer_input, packed_graph, packed_model
+from pipeline.onnx_layers import (
+    copies_for,
+    fixed_part,
+    layer_input,
+    layer_inputs,
+    packed_graph,
+    packed_model,
+)
 from pipeline.structure import analyze
 
 FAST = {"warmup": 1, "repeats": 5, "warmup_ms": 0.0}
@@ -80,3 +95,97 @@ def test_calibration_says_loudly_when_the_table_does_not_fit(points, says, caplo
                           "check": cal.to_dict()}, {})
     assert "WARNING: " + cal.warnings[0] in "\n".join(_check_lines(table))
 
+
+
+def _ort_graph(backend, model: onnx.ModelProto, weights: dict | None = None,
+               disabled: tuple[str, ...] = ()) -> list[onnx.NodeProto]:
+    """The nodes ONNX Runtime runs for ``model`` after its optimisations, as the backend sets
+    them up."""
+    opts = backend._options()
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        if weights:
+            opts.add_external_initializers(
+                list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
+        ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                             providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+        return list(onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def _feeds(nodes: list[onnx.NodeProto], op_type: str) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the ``op_type`` node writing it."""
+    return {out: n for n in nodes if n.op_type == op_type for out in n.output}
+
+
+@pytest.mark.skipif(not cpu_blocks_feature_maps(),
+                    reason="ONNX Runtime keeps NCHW on this CPU: no conversions to price")
+def test_a_squeeze_excitation_point_runs_what_the_network_runs_per_copy() -> None:
+    """ONNX Runtime's blocked layout makes the network convert the feature map out of it for the
+    SE product and back for the next convolution; every packed copy must pay the same, and
+    every copy must run its own pooling of the shared input (none merged away)."""
+    net = nn.Sequential(nn.Conv2d(16, 64, 1), nn.SiLU(),
+                        nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.SiLU(),
+                        SqueezeExcitation(64, 16), nn.Conv2d(64, 24, 1)).eval()
+    x = torch.randn(1, 16, 28, 28)
+    spec = analyze(net, x)
+    backend = get_backend("onnxruntime", threads=1)
+    assert backend.blocked_layout
+
+    from pipeline.export import to_onnx
+
+    network = _ort_graph(backend, to_onnx(net, x, check=False))
+    product = next(n for n in network if n.op_type == "Mul" and
+                   any(i in _feeds(network, "ReorderOutput") for i in n.input))
+    assert any(product.output[0] in n.input for n in network if n.op_type == "ReorderInput")
+
+    fc2 = next(la for la in spec.layers if la.post)  # sigmoid, then the product
+    graph = packed_graph(fc2, fc2.cin, fc2.cout, 3, blocked=backend.blocked_layout)
+    nodes = _ort_graph(backend, graph.model, graph.weights, PACKED_DISABLED_OPTIMIZERS)
+    plain = _feeds(nodes, "ReorderOutput")
+    products = [n for n in nodes if n.op_type == "Mul"]
+    assert len(products) == 3
+    for mul in products:  # the map comes out of the blocked layout, per copy
+        converted = [plain[i] for i in mul.input if i in plain
+                     and plain[i].input[0] in _feeds(nodes, "ReorderInput")]
+        assert len(converted) == 1, [n.op_type for n in nodes]
+
+    fc1 = next(la for la in spec.layers if la.pre)  # global pooling, then the squeeze
+    graph = packed_graph(fc1, fc1.cin, fc1.cout, 3, blocked=backend.blocked_layout)
+    nodes = _ort_graph(backend, graph.model, graph.weights, PACKED_DISABLED_OPTIMIZERS)
+    assert sum(n.op_type == "GlobalAveragePool" for n in nodes) == 3
+
+
+@pytest.mark.parametrize("module, shape", [
+    (nn.Conv2d(32, 64, 3, padding=1), (1, 32, 14, 14)),
+    (nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), (1, 64, 7, 7)),
+    (nn.Linear(64, 10), (1, 64)),
+])
+def test_the_fixed_part_is_a_packed_run_without_its_copies(module, shape) -> None:
+    """What is subtracted from a packed run is what the run does besides the layer: the same
+    input conversions and output, so one copy minus the fixed part leaves the layer's nodes."""
+    spec = analyze(nn.Sequential(module) if not isinstance(module, nn.Sequential) else module,
+                   torch.randn(shape))
+    layer = spec.layers[0]
+    backend = get_backend("onnxruntime", threads=1)
+    inputs = layer_inputs(layer, layer.cin, layer.cout)
+    graph = packed_graph(layer, layer.cin, layer.cout, 1, blocked=backend.blocked_layout)
+    one = Counter(n.op_type for n in _ort_graph(backend, graph.model, graph.weights,
+                                                PACKED_DISABLED_OPTIMIZERS))
+    fixed = Counter(n.op_type for n in _ort_graph(backend,
+                                                 fixed_part(layer, layer.cin, layer.cout)))
+    fixed.pop("Identity", None)  # a linear layer's: ONNX Runtime keeps it as the graph's output
+    # and the fixed part's one-value-per-channel output, which a classifier's packed graph
+    # does not need (its own output is small)
+    layer_ops = {"Conv", "Gemm", "FusedConv", "FusedGemm", "GlobalAveragePool", "Flatten",
+                 "MaxPool"}
+    assert set((one - fixed) + (fixed - one)) <= layer_ops, (one, fixed)
+    assert backend.fixed_cost(layer, layer.cin, layer.cout, inputs) > 0
+    assert len(backend._fixed) == 1  # measured once per input shape
+    backend.fixed_cost(layer, layer.cin, layer.cout, inputs)
+    assert len(backend._fixed) == 1
+
+
+def test_a_fixed_cost_never_takes_a_measurement_below_a_tenth() -> None:
+    m = Measurement(1.0, 0.8, 1.5, 15, statistic=Statistic.P10)
+    assert m.less(0.3) == Measurement(0.7, 0.5, 1.2, 15, statistic=Statistic.P10)
+    assert m.less(5.0).ms == pytest.approx(0.08)

@@ -52,6 +52,9 @@ class OnnxBackend(ABC):
     settings: TimingSettings
     #: which outputs a packed layer graph keeps (:func:`~pipeline.onnx_layers.packed_model`)
     packed_outputs = "one"
+    #: whether the runtime keeps feature maps in a blocked layout and converts them around
+    #: per-channel products (:func:`~pipeline.onnx_layers.packed_graph`'s ``blocked``)
+    blocked_layout = False
 
     @abstractmethod
     def onnx_timer(self, model: onnx.ModelProto | bytes | str | os.PathLike[str],
@@ -65,8 +68,19 @@ class OnnxBackend(ABC):
 
     def time_layer(self, layer: LayerSpec, cin: int, cout: int,
                    copies: int = 1) -> Measurement:
-        graph = packed_graph(layer, cin, cout, copies, outputs=self.packed_outputs)
-        return self.detached_timer(graph, layer_inputs(layer, cin, cout))().per_copy(copies)
+        graph = packed_graph(layer, cin, cout, copies, outputs=self.packed_outputs,
+                             blocked=self.blocked_layout)
+        inputs = layer_inputs(layer, cin, cout)
+        packed = self.detached_timer(graph, inputs)()
+        return packed.less(self.fixed_cost(layer, cin, cout, inputs)).per_copy(copies)
+
+    def fixed_cost(self, layer: LayerSpec, cin: int, cout: int,
+                   inputs: dict[str, np.ndarray]) -> float:
+        """Milliseconds of a packed graph's run that no copy causes
+        (:func:`~pipeline.onnx_layers.fixed_part`), subtracted before the run is divided
+        among the copies; 0 where the runtime's own overhead is negligible or too costly to
+        measure separately (a second engine build per point on TensorRT)."""
+        return 0.0
 
     def detached_timer(self, graph: DetachedModel,
                        inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:

@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from ..errors import BackendUnavailable, HalpError
 from ..fsio import atomic_write_bytes
 from ..kinds import DeviceKind, Precision
+from ..onnx_layers import fixed_part
 from ..onnx_weights import DetachedModel
+from ..spec import LayerSpec
 from .capabilities import BackendInfo
 from .device import channel_step, cpu_key, cpu_name, cuda_key, thread_count
 from .onnx_base import OnnxBackend, onnx_bytes
 from .timing import Measurement, TimingSettings, host_timer, measure
 
 _PROVIDERS = {DeviceKind.CPU: "CPUExecutionProvider", DeviceKind.CUDA: "CUDAExecutionProvider"}
+#: optimisers off for packed layer graphs: the copies' identical prologues (a pooling of the
+#: shared input) would be merged into one, where the network runs one per layer
+PACKED_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
+
+
+@lru_cache(maxsize=None)
+def cpu_blocks_feature_maps() -> bool:
+    """Whether ONNX Runtime runs convolutions on this CPU in its blocked NCHWc layout (x86 with
+    AVX2 or AVX-512), asked of ONNX Runtime itself: a 16-channel convolution, optimised, comes
+    back between layout conversions exactly when it does."""
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [16, 16, 3, 3], [0.0] * 2304)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
+        ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                             providers=[_PROVIDERS[DeviceKind.CPU]])
+        optimised = onnx.load(opts.optimized_model_filepath)
+    return any(n.op_type == "ReorderInput" for n in optimised.graph.node)
 
 
 class OnnxRuntimeBackend(OnnxBackend):
@@ -54,6 +84,8 @@ class OnnxRuntimeBackend(OnnxBackend):
         self.settings = (settings or TimingSettings()).resolved(self.device)
         self.threads = thread_count(threads)
         self.default_step = channel_step(self.device)
+        self.blocked_layout = self.device == DeviceKind.CPU and cpu_blocks_feature_maps()
+        self._fixed: dict[tuple, float] = {}
 
     def _options(self) -> ort.SessionOptions:
         """Every graph optimisation, sequential execution, the pinned thread count."""
@@ -65,17 +97,18 @@ class OnnxRuntimeBackend(OnnxBackend):
         opts.log_severity_level = 3  # warnings about unused initializers are noise here
         return opts
 
-    def _session(self, data: bytes,
-                 weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    def _session(self, data: bytes, weights: Mapping[str, np.ndarray] | None = None,
+                 disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
         """A session for the serialized model; ``weights``: the values of its external
-        initializers, taken from memory."""
+        initializers, taken from memory; ``disabled``: graph optimisers left out."""
         opts = self._options()
         if weights:
             opts.add_external_initializers(
                 list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
         try:
             return ort.InferenceSession(data, sess_options=opts,
-                                        providers=[_PROVIDERS[self.device]])
+                                        providers=[_PROVIDERS[self.device]],
+                                        disabled_optimizers=list(disabled))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise HalpError(f"ONNX Runtime cannot load the model: {exc}") from exc
 
@@ -128,8 +161,19 @@ class OnnxRuntimeBackend(OnnxBackend):
 
     def detached_timer(self, graph: DetachedModel,
                        inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:
-        sess = self._session(graph.model.SerializeToString(), graph.weights)
+        sess = self._session(graph.model.SerializeToString(), graph.weights,
+                             PACKED_DISABLED_OPTIMIZERS)
         return self._timer(sess, inputs)
+
+    def fixed_cost(self, layer: LayerSpec, cin: int, cout: int,
+                   inputs: dict[str, np.ndarray]) -> float:
+        """The fixed part's time, measured once per set of input shapes (a table has a few
+        hundred), the fastest of three measurements: it is the floor a point is cut by."""
+        key = tuple(sorted((name, a.shape) for name, a in inputs.items()))
+        if key not in self._fixed:
+            timer = self.onnx_timer(fixed_part(layer, cin, cout), inputs)
+            self._fixed[key] = min(timer().ms for _ in range(3))
+        return self._fixed[key]
 
     def engine_timer(self, path: Path,
                      inputs: dict[str, np.ndarray]) -> Callable[[], Measurement]:

@@ -27,8 +27,11 @@ if TYPE_CHECKING:
 #: ``copies_for(layer, cin, cout, working_set)`` copies of the layer with their own weights
 #: in one graph, so the weights stream through the caches as they do in the network. /2: the
 #: graph's output is one value per channel (no whole-map layout conversion in any run,
-#: :func:`~pipeline.onnx_layers.packed_graph`)
-PROTOCOL = "packed-network-working-set/2"
+#: :func:`~pipeline.onnx_layers.packed_graph`). /5: every copy runs its own prologue (ONNX
+#: Runtime had merged the copies' identical poolings into one), and a per-channel product pays
+#: the layout conversions the network pays around it (ONNX Runtime's NCHWc on x86). /3 and /4
+#: were measured and dropped (docs/BENCHMARKS.md).
+PROTOCOL = "packed-network-working-set/5"
 
 Point = typing.Tuple[int, int]
 
