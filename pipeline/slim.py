@@ -6,6 +6,11 @@ concat offsets and flatten expansion already mapped by Torch-Pruning). A *mask p
 entries; zeroing them gives the masked model the pruner trains, removing them gives the slim
 model. Because both come from one plan, ``slim`` can check that the two compute the same
 function and refuse to return a model that does not.
+
+A removable residual block whose inner groups all keep zero channels is removed
+(:mod:`pipeline.blocks`): masked, every parameter of the block is zeroed, so its branch outputs
+exactly zero (its last BatchNorm's shift included) and the block passes its input on; slimmed,
+the block is replaced with ``nn.Identity``, which computes the same.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 
 from .errors import StructureError, UnsupportedLayer
 from .export import output_tensors
-from .spec import NetworkSpec
+from .spec import NetworkSpec, ResidualBlock
 from .structure import analyze, dependency_graph
 
 #: {parameter name: [(dim, sorted indices to zero)]}
@@ -33,7 +38,8 @@ Keep = Mapping[int, Sequence[int] | int]
 def pruning_group(dg: tp.DependencyGraph, spec: NetworkSpec, gid: int, idxs: Sequence[int]):
     """Torch-Pruning group removing output channels ``idxs`` of spec group ``gid``."""
     names = {n: m for m, n in _module_names(dg).items()}
-    root = names[spec.group(gid).producers[0]]
+    root = next(names[p] for p in spec.group(gid).producers if p in names)  # not in a removed
+    # block
     return dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
                                 list(idxs))
 
@@ -44,11 +50,16 @@ def _module_names(dg: tp.DependencyGraph) -> dict[nn.Module, str]:
 
 def mask_plan(dg: tp.DependencyGraph, spec: NetworkSpec, drop: Mapping[int, Sequence[int]]
               ) -> MaskPlan:
-    """Parameter entries to zero so that the channels in ``drop`` (per group) are gone."""
+    """Parameter entries to zero so that the channels in ``drop`` (per group) are gone, and
+    every parameter of the blocks they remove (those still in ``dg``'s model)."""
     names = _module_names(dg)
+    removed = removed_blocks(spec, drop)
+    gone = {g for b in removed for g in b.groups}
     merged: dict[tuple[str, int], set[int]] = {}
+    for name, dim, idxs in _block_entries(dg.model, removed):
+        merged[(name, dim)] = set(idxs)
     for gid, idxs in drop.items():
-        if not idxs:
+        if not idxs or gid in gone:
             continue
         for dep, dep_idxs in pruning_group(dg, spec, gid, idxs):
             module = dep.target.module
@@ -61,6 +72,22 @@ def mask_plan(dg: tp.DependencyGraph, spec: NetworkSpec, drop: Mapping[int, Sequ
     for (pname, dim), idxs in sorted(merged.items()):
         plan.setdefault(pname, []).append((dim, sorted(idxs)))
     return plan
+
+
+def removed_blocks(spec: NetworkSpec, drop: Mapping[int, Sequence[int]]) -> list[ResidualBlock]:
+    """The blocks ``drop`` removes: every channel of each of their inner groups dropped."""
+    return spec.removed_blocks({g: spec.group(g).channels - len(idxs) for g, idxs in drop.items()})
+
+
+def _block_entries(model: nn.Module, blocks: Sequence[ResidualBlock]
+                   ) -> list[tuple[str, int, list[int]]]:
+    """(parameter, dim 0, every index) for each parameter of ``blocks`` in ``model``."""
+    found = []
+    for block in blocks:
+        for pname, param in model.get_submodule(block.name).named_parameters():
+            if param.dim():
+                found.append((f"{block.name}.{pname}", 0, list(range(param.shape[0]))))
+    return found
 
 
 def _param_dims(module: nn.Module, name: str, out: bool) -> list[tuple[str, int]]:
@@ -103,8 +130,13 @@ def zero_entries(entries: MaskEntries) -> None:
 
 
 def dropped_channels(spec: NetworkSpec, keep: Keep) -> dict[int, list[int]]:
-    """Validate ``keep`` ({group: kept indices, or a count = the first n}) → dropped indices."""
+    """Validate ``keep`` ({group: kept indices, or a count = the first n}) → dropped indices.
+    Only the inner groups of a removable block may keep nothing, all at once (the block
+    removed)."""
     drop: dict[int, list[int]] = {}
+    empty = {g for g, kept in keep.items() if not (kept if isinstance(kept, (int, np.integer))
+                                                    else len(kept))}
+    removed = spec.removed_blocks({g: 0 for g in empty})
     for gid, kept in keep.items():
         if not 0 <= gid < len(spec.groups):
             raise StructureError(f"keep names group {gid}, but the network has groups "
@@ -112,6 +144,9 @@ def dropped_channels(spec: NetworkSpec, keep: Keep) -> dict[int, list[int]]:
         group = spec.group(gid)
         idxs = sorted(set(range(int(kept)) if isinstance(kept, (int, np.integer))
                           else (int(i) for i in kept)))
+        if not idxs and any(gid in b.groups for b in removed):
+            drop[gid] = list(range(group.channels))
+            continue
         if not idxs or idxs[0] < 0 or idxs[-1] >= group.channels:
             raise StructureError(
                 f"group {gid} keeps {len(idxs)} channel(s) {idxs[:3]}..., but it has channels "
@@ -132,16 +167,24 @@ def slim(model: nn.Module, example_input: torch.Tensor, keep: Keep,
 
     ``keep`` maps group ids of ``spec`` (default: ``analyze(model, example_input)``) to the kept
     channel indices, or to a count (keep the first n). Groups not named keep every channel.
-    The copy is checked against ``model`` with the dropped channels zeroed; a mismatch raises
-    StructureError. ``model`` itself is not modified.
+    A removable block whose inner groups all keep nothing is replaced with ``nn.Identity``.
+    The copy is checked against ``model`` with the dropped channels zeroed (and the removed
+    blocks' parameters); a mismatch raises StructureError. ``model`` itself is not modified.
     """
     spec = spec or analyze(model, example_input)
     drop = dropped_channels(spec, keep)
+    removed = removed_blocks(spec, drop)
     pruned = copy.deepcopy(model)
+    for block in removed:
+        parent, _, child = block.name.rpartition(".")
+        setattr(pruned.get_submodule(parent), child, nn.Identity())
     dg = dependency_graph(pruned, example_input)
-    plan = mask_plan(dg, spec, drop)
+    gone = {g for b in removed for g in b.groups}
+    drop = {g: idxs for g, idxs in drop.items() if g not in gone}
     reference = copy.deepcopy(model)
-    zero_entries(mask_entries(reference, plan))
+    zero_entries(mask_entries(reference, mask_plan(dg, spec, drop)))
+    zero_entries(mask_entries(reference, {name: [(dim, idxs)] for name, dim, idxs
+                                          in _block_entries(reference, removed)}))
     for gid, idxs in drop.items():
         group = pruning_group(dg, spec, gid, idxs)
         if not dg.check_pruning_group(group):

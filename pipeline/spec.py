@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import context_ops
@@ -122,6 +122,25 @@ class ChannelGroup:
 
 
 @dataclass
+class ResidualBlock:
+    """A module computing ``act(x + branch(x))`` (:mod:`pipeline.blocks` finds them).
+
+    ``removable``: zeroing the branch leaves the identity (the skip is the block input itself,
+    and ``act`` is absent or already holds on that input), so the block may be dropped whole
+    when its ``groups`` (the channel groups produced and read only inside it) all go to zero;
+    ``layers`` are the conv/linear layers inside it, which then cost nothing. ``reason`` says
+    why a residual block is not removable.
+    """
+
+    name: str
+    layers: list[str]
+    groups: list[int]
+    act: str | None = None
+    removable: bool = True
+    reason: str | None = None
+
+
+@dataclass
 class NetworkSpec:
     input_shape: tuple[int, ...]
     layers: list[LayerSpec]
@@ -130,6 +149,8 @@ class NetworkSpec:
     total_macs: int
     model: str | None = None
     unused: list[str] = field(default_factory=list)  # conv/linear never run in forward
+    #: residual blocks (optional in the JSON: a format-1 spec written before them has none)
+    blocks: list[ResidualBlock] = field(default_factory=list)
 
     def layer(self, name: str) -> LayerSpec:
         for layer in self.layers:
@@ -158,6 +179,30 @@ class NetworkSpec:
     def sizable_groups(self) -> list[int]:
         """Prunable groups every member layer holds whole: those the latency model can price."""
         return [g.id for g in self.prunable_groups if not self.partial_layers(g.id)]
+
+    @property
+    def removable_blocks(self) -> list[ResidualBlock]:
+        return [b for b in self.blocks if b.removable]
+
+    def removed_blocks(self, counts: Mapping[int, int]) -> list[ResidualBlock]:
+        """The removable blocks whose groups all keep zero channels in ``counts``; a block with
+        only some of its groups at zero is an error (it would compute neither function)."""
+        removed = []
+        for block in self.removable_blocks:
+            zero = [counts.get(g, 1) == 0 for g in block.groups]
+            if all(zero):
+                removed.append(block)
+            elif any(zero):
+                raise StructureError(
+                    f"block {block.name}: groups {block.groups} must keep zero channels "
+                    "together (the block removed) or all keep some")
+        return removed
+
+    def without(self, blocks: list[ResidualBlock]) -> NetworkSpec:
+        """This network with ``blocks`` replaced by the identity (their layers gone)."""
+        gone = {name for b in blocks for name in b.layers}
+        return replace(self, layers=[la for la in self.layers if la.name not in gone],
+                       blocks=[b for b in self.blocks if b not in blocks])
 
     def dense_counts(self) -> dict[int, int]:
         return {g.id: g.channels for g in self.groups}
@@ -195,6 +240,7 @@ class NetworkSpec:
             total_macs=data["total_macs"],
             model=data.get("model"),
             unused=list(data.get("unused", [])),
+            blocks=[ResidualBlock(**b) for b in data.get("blocks", [])],
         )
 
     @classmethod

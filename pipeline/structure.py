@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from . import layer_context
+from .blocks import residual_blocks
 from .dependency import channel_groups, is_layer, layer_spec
 from .errors import StructureError, UnsupportedLayer
 from .spec import LayerSpec, NetworkSpec
@@ -148,6 +149,7 @@ def trace(
         model=name,
         unused=[n for n, m in modules.items() if is_layer(m) and n not in recorder.shapes],
     )
+    spec.blocks = residual_blocks(model, example_input, spec)
     return Analysis(spec, dg, stem)
 
 

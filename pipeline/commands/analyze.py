@@ -70,4 +70,17 @@ def render(spec: NetworkSpec) -> str:
         "(conv/linear)"
     )
     unused = f"\nnot run in forward (skipped): {', '.join(spec.unused)}" if spec.unused else ""
-    return f"Channel groups\n{groups}\n\nLayers\n{layers}\n\n{totals}{unused}"
+    return f"Channel groups\n{groups}\n\nLayers\n{layers}\n\n{_blocks(spec)}{totals}{unused}"
+
+
+def _blocks(spec: NetworkSpec) -> str:
+    """The residual blocks and whether `halp prune --remove-blocks` may remove each."""
+    if not spec.blocks:
+        return ""
+    table = format_table(
+        ["block", "inner groups", "layers", "after add", "removable / why not"],
+        [[b.name, ",".join(map(str, b.groups)) or "-", len(b.layers), b.act or "-",
+          "yes" if b.removable else b.reason] for b in spec.blocks],
+    )
+    return (f"Residual blocks ({len(spec.removable_blocks)} of {len(spec.blocks)} removable "
+            f"whole by --remove-blocks)\n{table}\n\n")
