@@ -18,10 +18,16 @@ Two exact solvers:
   each relaxed problem solved exactly by variable elimination over the group graph
   (:mod:`pipeline.group_graph`). It returns a feasible choice and an upper bound on the
   optimum, hence a certified gap.
+
+Block removal adds a count of zero to the inner groups of removable residual blocks: the block's
+layers then cost nothing, and a +inf pair entry forbids a block's groups at zero apart. Both
+solvers stay exact: HiGHS fixes the forbidden pairs' variables at 0, and the elimination, whose
+relaxed problems never pick a forbidden pair, bounds the optimum over allowed choices only.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +40,7 @@ import scipy.sparse
 
 from .errors import HalpError, InfeasibleBudget, NotCoupled
 from .group_graph import Eliminator
-from .spec import LayerSpec, NetworkSpec
+from .spec import LayerSpec, NetworkSpec, ResidualBlock
 
 if TYPE_CHECKING:  # only its methods are called: keeps this module free of torch
     from .lut import LatencyTable
@@ -50,6 +56,8 @@ class Problem:
     ``pairs[(i, j)]`` (i < j, positions in :attr:`counts`) is the latency of the layers reading
     one group and writing the other, at ``[k_i, k_j]``; ``unary[g]`` that of the layers touching
     group g alone; ``constant`` everything else (layers of unsized groups, the table's constant).
+    A pair entry of +inf is a pair of choices not allowed together (a removable block's groups
+    at zero channels only all at once): never within budget, and never a relaxed optimum.
     """
 
     counts: list[np.ndarray]
@@ -81,10 +89,18 @@ class Problem:
         return Eliminator([len(c) for c in self.counts], list(self.pairs))
 
     def relaxed(self, weight: float, rate: float) -> np.ndarray:
-        """The choice maximising ``weight`` · value − ``rate`` · latency, without a budget."""
+        """The choice maximising ``weight`` · value − ``rate`` · latency, without a budget
+        (pairs not allowed together excluded, at rate 0 too)."""
         return self.graph.maximise([weight * v - rate * u for v, u in zip(self.values, self.unary,
                                                                           strict=True)],
-                                   [-rate * t for t in self.pairs.values()])
+                                   [-rate * t if rate > 0 else np.where(np.isinf(t), -np.inf, 0.0)
+                                    for t in self.pairs.values()])
+
+    def top(self) -> np.ndarray:
+        """The most valuable allowed choice, budget ignored (each group's best, unless that
+        splits a removable block)."""
+        keep = np.array([int(np.argmax(v)) for v in self.values])
+        return keep if math.isfinite(self.cost(keep)) else self.relaxed(1.0, 0.0)
 
 
 def cheapest(problem: Problem) -> np.ndarray:
@@ -108,9 +124,14 @@ class Result:
 
 
 def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, np.ndarray],
-                    values: Mapping[int, np.ndarray]) -> Problem:
+                    values: Mapping[int, np.ndarray],
+                    blocks: Sequence[ResidualBlock] = ()) -> Problem:
     """The coupled problem of ``spec`` priced by ``lut``: group ``g`` (keys of ``counts``, in
     order) may keep ``counts[g][k]`` channels, worth ``values[g][k]``; other groups stay dense.
+
+    Only the groups of removable ``blocks`` may offer a count of 0: the block removed, allowed
+    when all its groups are at 0 (+inf pair entries otherwise), its layers then costing nothing
+    (never a table query at zero channels).
 
     A ResNet-50 asks the table for tens of thousands of points (about a second, most of them
     interpolated): build once and take :meth:`Problem.restricted` copies, as the planner does.
@@ -118,6 +139,7 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
     keys = list(counts)
     position = {g: i for i, g in enumerate(keys)}
     options = [np.asarray(c, dtype=np.int64) for c in counts.values()]
+    inside = _block_layers(keys, options, blocks)
     unary = [np.zeros(len(c)) for c in options]
     pairs: dict[tuple[int, int], np.ndarray] = {}
     constant = lut.constant_ms or 0.0
@@ -131,6 +153,8 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
         groups = [keys[i] for i in touched]
 
         def price(*chosen: int, layer: LayerSpec = layer, groups: list[int] = groups) -> float:
+            if layer.name in inside and 0 in chosen:
+                return 0.0  # its block removed (or not allowed: the ban below prices that)
             return lut.latency(layer, *layer.dims(dict(zip(groups, chosen, strict=True))))
 
         if not touched:
@@ -142,8 +166,29 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
             grid = np.array([[price(int(a), int(b)) for b in options[key[1]]]
                              for a in options[key[0]]])
             pairs[key] = pairs[key] + grid if key in pairs else grid
+    for block in blocks:  # a block's groups at zero together or not at all: a chain of bans
+        chain = sorted(position[g] for g in block.groups)
+        for i, j in itertools.pairwise(chain):
+            ban = np.where((options[i] == 0)[:, None] != (options[j] == 0)[None, :], np.inf, 0.0)
+            pairs[(i, j)] = pairs[(i, j)] + ban if (i, j) in pairs else ban
     return Problem(options, [np.asarray(v, dtype=np.float64) for v in values.values()], unary,
                    pairs, constant)
+
+
+def _block_layers(keys: list[int], options: list[np.ndarray],
+                  blocks: Sequence[ResidualBlock]) -> set[str]:
+    """The layers of ``blocks``; HalpError where a zero count is offered outside them, or a
+    block's groups are not all sized."""
+    zeroable = {g for b in blocks for g in b.groups}
+    for g, c in zip(keys, options, strict=True):
+        if g not in zeroable and (c == 0).any():
+            raise HalpError(f"group {g} is offered 0 channels but is no removable block's inner "
+                            "group: only a removed block's groups may go to zero")
+    for block in blocks:
+        if not block.removable or not set(block.groups) <= set(keys):
+            raise HalpError(f"block {block.name} is not removable here (its groups "
+                            f"{block.groups} must all be sized; see `halp analyze`)")
+    return {name for b in blocks for name in b.layers}
 
 
 def infeasible(minimum: float, budget: float) -> InfeasibleBudget:
@@ -185,6 +230,8 @@ def solve_milp(problem: Problem, budget: float, *, time_limit: float | None = No
                 row += 1
     budget_row = row  # Σ latency of the chosen y and z within the budget
     cost = np.concatenate([*problem.unary, *(t.ravel() for _, t in blocks)])
+    banned = np.isinf(cost)  # pairs of choices not allowed together: their z fixed at 0
+    cost[banned] = 0.0
     rows += [row] * n
     cols += range(n)
     vals += cost.tolist()
@@ -196,7 +243,7 @@ def solve_milp(problem: Problem, budget: float, *, time_limit: float | None = No
     objective = np.concatenate([*[-v for v in problem.values], np.zeros(n - n_y)])
     options = {"mip_rel_gap": MILP_GAP, **({"time_limit": time_limit} if time_limit else {})}
     res = scipy.optimize.milp(objective, integrality=np.r_[np.ones(n_y), np.zeros(n - n_y)],
-                              bounds=scipy.optimize.Bounds(0, 1),
+                              bounds=scipy.optimize.Bounds(0, np.where(banned, 0.0, 1.0)),
                               constraints=scipy.optimize.LinearConstraint(a, lower, upper),
                               options=options)
     if res.x is None:

@@ -36,7 +36,7 @@ def solve(problem: Problem, budget: float, *, gap: float = GAP) -> Result:
     """A feasible choice within ``budget`` and an upper bound on the optimum (InfeasibleBudget
     when even the fastest network is over); the full search is skipped when the coarse copy's
     rate already certifies a choice within ``gap`` (relative) of its bound."""
-    over = np.array([int(np.argmax(v)) for v in problem.values])  # the best ignoring budget
+    over = problem.top()  # the best ignoring budget
     if problem.cost(over) <= budget:
         value = problem.value(over)
         return Result(over, value, problem.cost(over), value)
@@ -99,7 +99,7 @@ def _search(problem: Problem, budget: float, over: np.ndarray, under: np.ndarray
     relaxed optimum), so the search goes on from the unconstrained best, and stops when even
     that is worth no more than ``under``, which is then optimal.
     """
-    top = np.array([int(np.argmax(v)) for v in problem.values])  # the relaxation at λ = 0
+    top = problem.top()  # the relaxation at λ = 0
     bound, best = problem.value(top), under
     for _ in range(MAX_ROUNDS):
         v_over, c_over = problem.value(over), problem.cost(over)

@@ -20,6 +20,15 @@ Formulation (DESIGN.md, "Knapsack"): channels of group g are ranked best first; 
   is re-predicted with every layer's true (cin, cout) and the budget tightened until the
   prediction fits. One big step over-prunes; the pruner's schedule takes small ones.
 - ``"highs"``: the coupled problem solved exactly as a MILP by HiGHS (the reference; seconds).
+
+Block removal (``block_removal=True``, MDP's depth pruning): the inner groups of each removable
+residual block (:attr:`NetworkSpec.removable_blocks`) may also go to zero channels, all of them
+at once, and the block is then removed: its layers leave the cost and its channels the value,
+and slimming replaces it with the identity. Only the coupled solvers offer it (the decoupled
+knapsack keeps at least one unit a group and so never removes a block). It is off by default:
+removing a block changes the network's depth, which fine-tuning must recover from, and a
+saliency measured on channels says little about how much a whole block is worth; turn it on
+where the table shows that depth costs more than width (at tight budgets).
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class Plan:
 
     ``counts`` and ``keep`` (sorted channel indices) per sizable group; ``predicted_ms`` is the
     whole network with every layer at its true (cin, cout); ``value`` the saliency kept.
+    A removed block's inner groups keep zero channels (:attr:`removed` names the blocks).
     ``method`` says how the last step got within budget: ``"coupled"`` (the coupled optimum,
     within ``gap`` of it), ``"exact"`` (the first decoupled knapsack solution fitted),
     ``"tightened"`` (after re-solving under a lower budget), ``"greedy"`` (the fallback) or
@@ -71,6 +81,7 @@ class Plan:
     value: float
     method: str
     gap: float | None = None
+    removed: tuple[str, ...] = ()
 
 
 class Planner:
@@ -79,10 +90,11 @@ class Planner:
     ``unit`` is channels per pruning unit: an int, or {group id: int} over the default (the
     table's grid step, else 8). Only groups every member layer holds whole are sized
     (:meth:`NetworkSpec.sizable_groups`); :attr:`unsized` names the others, left dense.
+    ``block_removal`` lets the coupled solvers remove whole residual blocks (module docstring).
     """
 
     def __init__(self, spec: NetworkSpec, lut: LatencyTable,
-                 unit: int | Mapping[int, int] | None = None):
+                 unit: int | Mapping[int, int] | None = None, *, block_removal: bool = False):
         lut.check_spec(spec)
         self.spec, self.lut = spec, lut
         self.groups: list[int] = spec.sizable_groups()
@@ -96,14 +108,19 @@ class Planner:
         self._charged = {g: [la for la in spec.layers if la.out_group == g] for g in self.groups}
         self._touching = {g: [la for la in spec.layers if la.out_group == g
                               or any(s == g for s, _ in la.in_sources)] for g in self.groups}
+        #: the blocks a step may remove: removable, every inner group sized
+        self.blocks = [b for b in spec.removable_blocks if set(b.groups) <= set(self.groups)] \
+            if block_removal else []
+        self._zeroable = {g for b in self.blocks for g in b.groups}
         #: the coupled problem over every grid count, built on the first coupled step (or why
         #: the network cannot be priced coupled); each step solves a restriction of it
         self._coupled_base: coupled.Problem | NotCoupled | None = None
         #: prediction of the dense network
         self.dense_ms = self.predict()
-        smallest = self.predict({g: int(c[1]) for g, c in self._choices.items()})
-        #: the smallest feasible target: every group at one unit (noisy LUTs may price that
-        #: above the dense network, which then is the minimum)
+        smallest = self.predict({g: 0 if g in self._zeroable else int(c[1])
+                                 for g, c in self._choices.items()})
+        #: the smallest feasible target: every group at one unit, every block it may remove
+        #: removed (noisy LUTs may price that above the dense network, which then is the minimum)
         self.minimum_ms = min(smallest, self.dense_ms)
 
     @property
@@ -119,8 +136,14 @@ class Planner:
                 if (partial := self.spec.partial_layers(g.id))}
 
     def predict(self, counts: Mapping[int, int] | None = None) -> float:
-        """Whole-network ms with every layer at its true (cin, cout) under ``counts``."""
-        return self.lut.predict(self.spec, counts)
+        """Whole-network ms with every layer at its true (cin, cout) under ``counts`` (the
+        blocks whose inner groups are all at zero removed)."""
+        return self.lut.predict(self._network(counts), counts)
+
+    def _network(self, counts: Mapping[int, int] | None) -> NetworkSpec:
+        """The spec without the blocks ``counts`` removes."""
+        removed = self.spec.removed_blocks(counts) if counts and self.blocks else []
+        return self.spec.without(removed) if removed else self.spec
 
     def check_target(self, target_ms: float) -> float:
         """``target_ms`` as a float, or InfeasibleBudget naming :attr:`minimum_ms`."""
@@ -171,14 +194,16 @@ class Planner:
                 (counts, gap), method = found, "coupled"
         return Plan(counts=counts, keep={g: np.sort(order[g][:c]) for g, c in counts.items()},
                     predicted_ms=self.predict(counts), value=_value(gains, counts),
-                    method=method, gap=gap)
+                    method=method, gap=gap,
+                    removed=tuple(b.name for b in self.spec.removed_blocks(counts)))
 
     def _coupled(self, budget: float, gains: Mapping[int, np.ndarray],
                  current: Mapping[int, int], solver: str) -> tuple[dict[int, int], float] | None:
         """Counts within ``budget`` by the coupled knapsack (never above ``current``) and the
         certified gap; None when nothing smaller than ``current`` fits, or (``"coupled"``, the
         default) when the network cannot be priced coupled (:class:`NotCoupled`)."""
-        allowed = {g: self._allowed(g, current[g])[1:] for g in self.groups}
+        allowed = {g: self._allowed(g, current[g])[0 if g in self._zeroable else 1:]
+                   for g in self.groups}
         try:
             problem = self._coupled_problem(allowed, gains)
             result = (coupled.solve_milp if solver == "highs" else coupled_dual.solve)(
@@ -199,17 +224,18 @@ class Planner:
         step), or built afresh where a caller's ``keep`` put a count off the grid."""
         values = {g: gains[g][c] for g, c in allowed.items()}
         if not all(np.isin(c, self._choices[g]).all() for g, c in allowed.items()):
-            return coupled.network_problem(self.spec, self.lut, allowed, values)
+            return coupled.network_problem(self.spec, self.lut, allowed, values, self.blocks)
+        grid = {g: c[0 if g in self._zeroable else 1:] for g, c in self._choices.items()}
         if self._coupled_base is None:
             try:
                 self._coupled_base = coupled.network_problem(
-                    self.spec, self.lut, {g: c[1:] for g, c in self._choices.items()},
-                    {g: np.zeros(len(c) - 1) for g, c in self._choices.items()})
+                    self.spec, self.lut, grid, {g: np.zeros(len(c)) for g, c in grid.items()},
+                    self.blocks)
             except NotCoupled as exc:
                 self._coupled_base = exc
         if isinstance(self._coupled_base, NotCoupled):
             raise self._coupled_base
-        picks = [np.flatnonzero(np.isin(self._choices[g][1:], allowed[g])) for g in self.groups]
+        picks = [np.flatnonzero(np.isin(grid[g], allowed[g])) for g in self.groups]
         return replace(self._coupled_base.restricted(picks),
                        values=[values[g] for g in self.groups])
 
@@ -253,9 +279,10 @@ class Planner:
         # everything not charged to a group (its layers at today's counts, the constant)
         room = budget - (self.predict(current) - math.fsum(c[-1] for c in costs))
         best = dict(current)
+        at_least = [min(1, current[g]) for g in self.groups]  # a removed block stays removed
         for attempt in range(MAX_TIGHTEN):
             try:
-                keep = solve_knapsack(values, costs, room).keep
+                keep = solve_knapsack(values, costs, room, min_keep=at_least).keep
             except InfeasibleBudget:
                 break
             counts = {g: int(allowed[g][k]) for g, k in zip(self.groups, keep, strict=True)}
@@ -273,10 +300,11 @@ class Planner:
         """Latency of the layers producing group g's channels at each allowed count, with
         their inputs at today's counts (depthwise layers: input = output)."""
         costs = np.zeros(len(allowed))
+        present = {la.name for la in self._network(current).layers}
         for i, cout in enumerate(allowed[1:].tolist(), start=1):
             costs[i] = math.fsum(self.lut.latency(la, cout if la.op == "dwconv"
                                                   else la.dims(current)[0], cout)
-                                 for la in self._charged[g])
+                                 for la in self._charged[g] if la.name in present)
         return costs
 
     def _greedy(self, counts: dict[int, int], budget: float,
@@ -288,6 +316,7 @@ class Planner:
         prices smaller layers higher.
         """
         counts = dict(counts)
+        present = {la.name for la in self._network(counts).layers}  # greedy removes no block
         while self.predict(counts) > budget:
             best: tuple[float, float, int, int] | None = None
             for g in self.groups:
@@ -297,7 +326,7 @@ class Planner:
                 trial = {**counts, g: int(smaller[-1])}
                 saved = math.fsum(self.lut.latency(la, *la.dims(counts))
                                   - self.lut.latency(la, *la.dims(trial))
-                                  for la in self._touching[g])
+                                  for la in self._touching[g] if la.name in present)
                 lost = float(gains[g][counts[g]] - gains[g][trial[g]])
                 ratio = lost / saved if saved > 0 else math.inf
                 if best is None or (ratio, lost, g) < best[:3]:

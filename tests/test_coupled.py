@@ -194,3 +194,70 @@ def test_a_densely_coupled_graph_is_refused_with_the_way_out() -> None:
     with pytest.raises(HalpError, match="solver='decoupled'"):
         Eliminator([100] * 4, clique)
     assert len(Eliminator([10] * 4, clique).steps) == 4
+
+
+def block_problem(seed: int) -> Problem:
+    """:func:`random_problem` whose groups 1 and 2 form a removable block: each may also keep
+    0 channels, worth nothing and costing nothing, but only both at once."""
+    problem = random_problem(seed, groups=5)
+    counts, values, unary = list(problem.counts), list(problem.values), list(problem.unary)
+    for g in (1, 2):
+        counts[g], values[g], unary[g] = (np.r_[0, counts[g]], np.r_[0.0, values[g]],
+                                          np.r_[0.0, unary[g] * 20])
+    pairs = {}
+    for (i, j), table in problem.pairs.items():
+        table = np.pad(table, ((int(i in (1, 2)), 0), (int(j in (1, 2)), 0)))
+        if (i, j) == (1, 2):
+            table[0, 1:] = table[1:, 0] = np.inf
+        pairs[(i, j)] = table
+    return Problem(counts, values, unary, pairs, problem.constant)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solvers_remove_a_block_exactly(seed: int) -> None:
+    """Zero-unit choices allowed only jointly: HiGHS equals brute force, the fast solver is
+    feasible within its certified bound, and at tight budgets the optimum removes the block."""
+    problem = block_problem(seed)
+    removed = 0
+    for budget in budgets(problem, 8):
+        optimum, keep = brute(problem, budget)
+        exact, fast = solve_milp(problem, budget), solve(problem, budget)
+        assert exact.value == pytest.approx(optimum, rel=1e-9)
+        assert fast.cost <= budget and exact.cost <= budget
+        assert fast.value <= optimum + 1e-9 <= fast.bound + 2e-9
+        assert (fast.keep[1] == 0) == (fast.keep[2] == 0)
+        removed += keep[1] == 0
+    assert removed and cheapest(problem)[1] == cheapest(problem)[2] == 0
+
+
+def test_zero_counts_outside_a_block_are_refused() -> None:
+    spec, table = resnet18_table()
+    counts = {g: np.arange(0, spec.group(g).channels + 1, 16) for g in spec.sizable_groups()}
+    with pytest.raises(HalpError, match="only a removed block's groups"):
+        network_problem(spec, table, counts, {g: c * 1.0 for g, c in counts.items()})
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_planner_removes_blocks_where_the_table_makes_it_optimal(seed: int) -> None:
+    """resnet18 priced by MAC-like entries: at a budget below what width alone reaches, the
+    planner removes a block; its prediction leaves out the block's layers, and the fast solver
+    and HiGHS agree within the certified gap."""
+    spec, table = resnet18_table()
+    planner = Planner(spec, table, unit=16, block_removal=True)
+    narrow = Planner(spec, table, unit=16)
+    assert planner.minimum_ms < narrow.minimum_ms
+    rng = np.random.default_rng(seed)
+    saliency = {g: np.abs(rng.standard_normal(spec.group(g).channels)) for g in planner.groups}
+    budget = 0.5 * (planner.minimum_ms + narrow.minimum_ms)
+    plans = {s: planner.solve(saliency, budget, solver=s) for s in ("coupled", "highs")}
+    for plan in plans.values():
+        assert plan.removed and plan.predicted_ms <= budget
+        gone = [b for b in spec.blocks if b.name in plan.removed]
+        assert all(plan.counts[g] == 0 and not len(plan.keep[g]) for b in gone for g in b.groups)
+        assert plan.predicted_ms == pytest.approx(
+            table.predict(spec.without(gone), plan.counts), rel=1e-12)
+    fast, exact = plans["coupled"], plans["highs"]
+    assert fast.value <= exact.value * (1 + 1e-9)
+    assert exact.value <= fast.value / (1 - fast.gap) * (1 + 1e-9)
+    with pytest.raises(InfeasibleBudget):
+        narrow.solve(saliency, budget)
