@@ -196,6 +196,10 @@ class PruneConfig:
     solver: str = option("coupled", "knapsack solver: coupled (every layer at its true "
                          "cin/cout; never worse than decoupled), decoupled (HALP's), highs "
                          "(the coupled MILP, slow reference)", choices=SOLVERS)
+    block_removal: bool = option(False, "let the coupled solver remove whole residual blocks "
+                                 "whose skip is the identity (MDP's depth pruning; `halp "
+                                 "analyze` lists them): their layers leave the network",
+                                 flag="remove-blocks")
     lr: float = option(0.05, "baseline learning rate", check=positive)
     finetune_lr: float = option(0.01, "fine-tuning learning rate", check=positive)
     batch_size: int = option(64, "training batch size", check=at_least(1))

@@ -163,7 +163,7 @@ def _target_text(cfg: PruneConfig) -> str:
 #: afresh instead of resuming a checkpoint that belongs to another configuration
 BASELINE_SETTINGS = ("model", "data", "input_shape", "baseline_epochs", "lr", "batch_size", "seed")
 FINETUNE_SETTINGS = (*BASELINE_SETTINGS, "checkpoint", "target", "target_ms", "epochs", "steps",
-                     "solver", "finetune_lr")
+                     "solver", "block_removal", "finetune_lr")
 
 
 def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
@@ -226,7 +226,7 @@ def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTabl
     def pruner_for(target: float | None, target_ms: float | None) -> HalpPruner:
         return HalpPruner(model, x, lut, target=None if target_ms else target,
                           target_ms=target_ms, steps=cfg.steps, interval=interval,
-                          solver=cfg.solver, log=log)
+                          solver=cfg.solver, block_removal=cfg.block_removal, log=log)
 
     try:
         pruner = pruner_for(cfg.target, cfg.target_ms)

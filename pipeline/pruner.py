@@ -79,7 +79,9 @@ class HalpPruner:
     leave alone. ``solver`` is the planner's knapsack (:data:`~pipeline.config.SOLVERS`;
     default ``"coupled"``: every layer at its true (cin, cout)). Every decision comes from
     :attr:`planner` (a model-free :class:`~pipeline.planner.Planner`); the pruner keeps
-    saliency, masks and the schedule.
+    saliency, masks and the schedule. ``block_removal`` lets the coupled solver remove whole
+    residual blocks (:class:`~pipeline.planner.Planner`; off by default): a removed block is
+    masked to the identity and slimmed to ``nn.Identity``.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class HalpPruner:
         interval: int = 40,
         unit: int | Mapping[int, int] | None = None,
         solver: str = "coupled",
+        block_removal: bool = False,
         ignore: Iterable[str | nn.Module] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         log: Callable[[str], Any] = _log.info,
@@ -105,7 +108,7 @@ class HalpPruner:
         self.example_input, self.lut, self._log = example_input, lut, log
         analysis = trace(self.model, example_input, ignore=ignore, ignore_stem=True)
         self.spec, self._dg = analysis.spec, analysis.graph
-        self.planner = Planner(self.spec, lut, unit)
+        self.planner = Planner(self.spec, lut, unit, block_removal=block_removal)
         for gid, partial in self.planner.unsized.items():
             log(f"HALP leaves group {gid} dense: layers {partial} hold only part of its channels "
                 "(concatenation/split), which the latency model cannot size")
@@ -214,10 +217,11 @@ class HalpPruner:
         total = sum(self.spec.group(g).channels for g in self.planner.groups)
         self._history.append({"step": self._step, "budget_ms": budget,
                               "predicted_ms": self._predicted, "kept": kept, "total": total})
+        removed = f", blocks removed {', '.join(plan.removed)}" if plan.removed else ""
         if not _distributed() or dist.get_rank() == 0:
             self._log(f"HALP step {self._step}/{self.steps}: budget {budget:.4g} ms, predicted "
                       f"{self._predicted:.4g} ms (dense {self.dense_ms:.4g}, target "
-                      f"{self._target_ms:.4g}), channels kept {kept}/{total}")
+                      f"{self._target_ms:.4g}), channels kept {kept}/{total}{removed}")
 
     # -- masks -------------------------------------------------------------------------------
 

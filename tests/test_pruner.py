@@ -256,3 +256,25 @@ def test_distributed_ranks_end_with_identical_masks(tmp_path) -> None:
         model.load_state_dict(result["state"])
         spec = analyze(model, torch.randn(*INPUT))
         _masked_entries_are_zero(model, spec, result["keep"])
+
+
+def test_pruner_removes_blocks_and_slims_to_what_it_priced() -> None:
+    """A target below the narrowest network of full depth: the pruner removes blocks, trains
+    them masked to the identity, and the slim network is priced as predicted."""
+    model = make_model("resnet18")
+    x = torch.randn(*INPUT)
+    lut = mac_table(analyze(model, x))
+    spec = trace(model, x, ignore_stem=True).spec
+    narrow = Planner(spec, lut).minimum_ms
+    deep = Planner(spec, lut, block_removal=True).minimum_ms
+    optimizer = sgd(model)
+    pruner = HalpPruner(model, x, lut, target_ms=0.5 * (narrow + deep), steps=2, interval=2,
+                        block_removal=True, optimizer=optimizer, log=lambda _m: None)
+    train(model, pruner, optimizer, range(4))
+    assert pruner.predicted_ms <= pruner.target_ms
+    removed = spec.removed_blocks(pruner.counts)
+    assert removed
+    slim = pruner.finalize()
+    assert all(isinstance(slim.get_submodule(b.name), nn.Identity) for b in removed)
+    assert check_equivalent(model, slim, x) <= 1e-4
+    assert lut.predict(analyze(slim, x)) == pytest.approx(pruner.predicted_ms, rel=1e-9)
