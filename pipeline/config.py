@@ -31,6 +31,15 @@ DEPLOY_BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = tuple(p.value for p in kinds.Precision)
 SOLVERS = tuple(s.value for s in kinds.Solver)
 
+
+def check_removal(solver: str, block_removal: bool) -> None:
+    """ConfigError where block removal is asked of the decoupled solver, which cannot remove a
+    block (it keeps a unit a group)."""
+    if block_removal and solver == "decoupled":
+        raise ConfigError("block removal needs a coupled solver (coupled or highs): the "
+                          "decoupled knapsack never removes a block")
+
+
 _SHAPE = re.compile(r"^\d+(x\d+)+$")
 
 
@@ -241,3 +250,4 @@ class PruneConfig:
         if self.target is None and self.target_ms is None:
             raise ConfigError("give a latency target: target (a fraction of the dense latency) "
                               "or target_ms")
+        check_removal(self.solver, self.block_removal)

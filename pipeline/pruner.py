@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import check_removal
 from .errors import HalpError
 from .importance import TaylorSaliency, comm_device
 from .lut import LatencyTable
@@ -104,6 +105,7 @@ class HalpPruner:
         _check_targets(target, target_ms)
         self.steps, self.interval = positive_int("steps", steps), positive_int("interval", interval)
         self.solver = check_solver(solver)
+        check_removal(solver, block_removal)
         self.model = _unwrap(model)
         self.example_input, self.lut, self._log = example_input, lut, log
         analysis = trace(self.model, example_input, ignore=ignore, ignore_stem=True)

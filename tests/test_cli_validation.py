@@ -160,7 +160,8 @@ def test_target_ms_replaces_the_fraction(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [{"target": 1.5}, {"target": 0.0}, {"target": float("nan")},
                                  {"target": None}, {"target_ms": -1.0}, {"steps": 0},
                                  {"input_shape": (1, 3, 32)}, {"checkpoint": "missing.pt"},
-                                 {"backend": "torch"}, {"lut_max_points": 1}])
+                                 {"backend": "torch"}, {"lut_max_points": 1},
+                                 {"solver": "decoupled", "block_removal": True}])
 def test_library_config_is_checked_on_creation(bad: dict, tmp_path: Path) -> None:
     settings = {"model": "resnet18", "data": "digits", "input_shape": (1, 3, 32, 32),
                 "out": tmp_path / "o", **bad}

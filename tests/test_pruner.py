@@ -211,6 +211,7 @@ def test_pruner_traces_once_and_decides_through_its_planner(monkeypatch) -> None
     ({"target": 0.5, "steps": 0}, "steps=0"),
     ({"target": 0.5, "unit": {999: 8}}, "not prunable"),
     ({"target": 0.5, "unit": 0}, "positive int"),
+    ({"target": 0.5, "solver": "decoupled", "block_removal": True}, "needs a coupled solver"),
 ])
 def test_arguments_are_checked(kwargs: dict, match: str) -> None:
     with pytest.raises(HalpError, match=match):
