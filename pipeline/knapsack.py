@@ -235,7 +235,8 @@ def _min_keep(min_keep: int | ArrayLike | None, table: Table) -> np.ndarray:
 def _resolution(resolution: float | None, span: float, n_groups: int) -> float:
     if resolution is not None:
         return float(resolution)
-    return span / (DEFAULT_CELLS_PER_GROUP * n_groups) if span > 0 else 1.0
+    step = span / (DEFAULT_CELLS_PER_GROUP * n_groups)
+    return step if step > 0 else 1.0  # a subnormal span underflows: only the floors fit
 
 
 def _unconstrained(t: Table) -> np.ndarray:

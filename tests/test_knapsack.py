@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import HalpError, InfeasibleBudget
@@ -76,6 +76,7 @@ def test_integer_costs_match_brute_force(inst):
 
 @settings(max_examples=300, deadline=None)
 @given(instances(integer_costs=False))
+@example(([np.array([0.0, 0.0, 1.0])], [np.array([0.0, 0.0, 1.0])], 5e-324, np.array([0])))
 def test_float_costs_within_the_documented_bound(inst):
     """Default resolution: never over budget, never worse than the optimum at B - G*res."""
     values, costs, budget, lows = inst
