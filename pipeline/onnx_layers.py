@@ -38,6 +38,14 @@ COMPUTE_BOUND = 32
 #: most multiply-accumulates in one packed graph of a compute-bound layer (about a millisecond
 #: on one CPU core)
 MAX_PACKED_MACS = 1 << 26
+#: multiply-accumulates per weight below which a compute-bound layer still waits for its
+#: weights when they come from memory rather than from a cache. Measured on a Xeon (1 thread,
+#: resnet50 at 224x224): streamed as in the network instead of hot, a convolution at 7x7
+#: output (49 per weight) took 1.22-1.25x as long, at 14x14 (196) 1.08x, at 28x28 (784) 1.03x
+COLD_INTENSITY = 512
+#: most multiply-accumulates in the packed graph that measures how much slower such a layer
+#: runs with its weights streamed (:mod:`pipeline.lut.cold`)
+COLD_MACS = 16 * MAX_PACKED_MACS
 
 
 
@@ -257,8 +265,14 @@ def layer_params(layer: LayerSpec, cin: int, cout: int) -> int:
     return math.prod(_weight_shape(layer, cin, cout, groups)) + (cout if layer.bias else 0)
 
 
+def intensity(layer: LayerSpec, cin: int, cout: int) -> float:
+    """Multiply-accumulates per weight: the same at every (cin, cout) of a layer (its output
+    positions times the batch), so it classes a whole table entry."""
+    return layer.batch * layer.macs_at(cin, cout) / max(1, layer_params(layer, cin, cout))
+
+
 def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
-               max_copies: int = MAX_COPIES) -> int:
+               max_copies: int = MAX_COPIES, max_macs: int = MAX_PACKED_MACS) -> int:
     """How many copies of the layer, each with its own weights, hold about ``working_set``
     parameters: the cache state of a layer inside a network of that many parameters.
 
@@ -267,13 +281,13 @@ def copies_for(layer: LayerSpec, cin: int, cout: int, working_set: int,
     that together stream as many weights as the whole network reproduce the network's state,
     whatever the device's cache sizes: cold where the network's weights exceed the last-level
     cache, warm where they fit. Never more than ``max_copies`` or ``MAX_PACKED_PARAMS``; a
-    compute-bound layer (:data:`COMPUTE_BOUND`) no more than ``MAX_PACKED_MACS`` allows.
+    compute-bound layer (:data:`COMPUTE_BOUND`) no more than ``max_macs`` allows.
     """
     own = max(1, layer_params(layer, cin, cout))
     macs = max(1, layer.batch * layer.macs_at(cin, cout))
     limit = min(max_copies, MAX_PACKED_PARAMS // own)
     if macs >= COMPUTE_BOUND * own:
-        limit = min(limit, MAX_PACKED_MACS // macs)
+        limit = min(limit, max_macs // macs)
     return int(max(1, min(limit, math.ceil(working_set / own))))
 
 

@@ -56,10 +56,13 @@ class Measurement:
         return replace(self, median_ms=cut(self.median_ms), p10_ms=cut(self.p10_ms),
                        p90_ms=cut(self.p90_ms))
 
+    def scaled(self, factor: float) -> Measurement:
+        return replace(self, median_ms=self.median_ms * factor, p10_ms=self.p10_ms * factor,
+                       p90_ms=self.p90_ms * factor)
+
     def per_copy(self, copies: int) -> Measurement:
         """One copy's share of a run of ``copies`` identical ops (a packed graph)."""
-        return replace(self, median_ms=self.median_ms / copies, p10_ms=self.p10_ms / copies,
-                       p90_ms=self.p90_ms / copies)
+        return self.scaled(1.0 / copies)
 
     @classmethod
     def from_dict(cls, data: dict) -> Measurement:

@@ -43,6 +43,8 @@ class Journal:
         self.points: dict[tuple[str, int, int], dict[int, Measurement]] = {}  # point -> pass
         #: calibration network -> (pass, round)
         self.refs: dict[str, dict[tuple[int, int], Measurement]] = {}
+        #: entry signature -> "hot" / "streamed" (:mod:`pipeline.lut.cold`)
+        self.cold: dict[str, dict[str, Measurement]] = {}
         self.spent_s = 0.0
         if not path.exists():  # the header is written whole, never torn
             atomic_write_text(path, json.dumps({"header": header}) + "\n")
@@ -67,7 +69,9 @@ class Journal:
     def _take(self, rec: dict[str, Any]) -> None:
         self.spent_s += rec.get("wall_s", 0.0)
         p = int(rec.get("pass", 0))
-        if "ref" in rec:
+        if "cold" in rec:
+            self.cold.setdefault(rec["cold"], {})[rec["role"]] = Measurement.from_dict(rec)
+        elif "ref" in rec:
             key = (p, int(rec.get("round", 0)))
             self.refs.setdefault(rec["ref"], {})[key] = Measurement.from_dict(rec)
         else:
@@ -75,8 +79,9 @@ class Journal:
             self.points.setdefault(point, {})[p] = Measurement.from_dict(rec)
 
     def add(self, rec: dict[str, Any], wall_s: float) -> None:
-        """Append a finished point (``sig``, ``cin``, ``cout`` + measurement) or a reference
-        network's measurement (``ref``)."""
+        """Append a finished point (``sig``, ``cin``, ``cout`` + measurement), a reference
+        network's measurement (``ref``) or one of an entry's cold-factor pair (``cold``,
+        ``role``)."""
         rec = {**rec, "wall_s": round(wall_s, 4)}
         append_journal(self.path, rec)
         self._take(rec)

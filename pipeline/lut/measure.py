@@ -25,9 +25,17 @@ from ..backends import Backend, BackendInfo, Measurement
 from ..backends.timing import ROUNDS, combine
 from ..calibration import fit
 from ..errors import HalpError, LutMismatch
-from ..onnx_layers import COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS, copies_for
+from ..onnx_layers import (
+    COLD_INTENSITY,
+    COLD_MACS,
+    COMPUTE_BOUND,
+    MAX_COPIES,
+    MAX_PACKED_MACS,
+    copies_for,
+)
 from ..progress import progress as progress_bar
 from ..spec import NetworkSpec
+from .cold import apply_cold, measure_cold
 from .grid import PROTOCOL, LutEntry, Point, layer_from_geometry, working_set
 from .journal import Journal, journal_header, journal_path
 from .schema import utc_now
@@ -72,7 +80,8 @@ def protocol(spec: NetworkSpec) -> dict[str, Any]:
     otherwise is another build."""
     return {"name": PROTOCOL, "working_set_params": working_set(spec),
             "max_copies": MAX_COPIES, "compute_bound": COMPUTE_BOUND,
-            "max_macs": MAX_PACKED_MACS}
+            "max_macs": MAX_PACKED_MACS, "cold_intensity": COLD_INTENSITY,
+            "cold_macs": COLD_MACS}
 
 
 def tasks_of(entries: Mapping[str, LutEntry], shard: Sequence[int] | None = None) -> list[Task]:
@@ -155,14 +164,17 @@ def _measure_passes(backend: Backend, entries: Mapping[str, LutEntry], tasks: li
                     timers: Mapping[str, Callable[[], Measurement]], journal: Journal,
                     settings: Settings, *, progress: bool) -> None:
     """Each pass: the points it still lacks in the pass's own shuffled order, then the
-    reference networks' rounds it still lacks."""
+    reference networks' rounds it still lacks; the first also the entries' cold factors
+    (:mod:`pipeline.lut.cold`)."""
     with progress_bar(total=len(tasks) * settings.passes, initial=journal.taken,
                       disable=not progress, unit="pt", desc="lut") as bar:
+        params = settings.protocol["working_set_params"]
         for p in range(settings.passes):
+            if p == 0:
+                measure_cold(backend, entries, journal, params)
             todo = [pt for pt in tasks if p not in journal.points.get(pt, {})]
             random.Random(settings.seed + p).shuffle(todo)
-            _measure(backend, entries, todo, journal, p, bar,
-                     settings.protocol["working_set_params"])
+            _measure(backend, entries, todo, journal, p, bar, params)
             _measure_references(timers, journal, p, math.ceil(ROUNDS / settings.passes))
 
 
@@ -200,6 +212,7 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
     for sig, entry in entries.items():
         entry.points = {k: combine(list(journal.points[(sig, *k)].values()))
                         for k in entry.points}
+    cold = apply_cold(entries, journal, settings.protocol["working_set_params"])
     measured = {name: combine(list(journal.refs[name].values())) for name, _, _ in references}
     meta = {
         **described.to_dict(),
@@ -213,6 +226,7 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
         "points": sum(len(e.points) for e in entries.values()),
         "passes": settings.passes,
         "protocol": settings.protocol,
+        "cold": cold,
         "shard": settings.shard,
         "build_s": round(journal.spent_s, 3),
         "dense": measured["dense"].to_dict() if measured else None,

@@ -151,6 +151,8 @@ class LatencyTable:
                                 for k in ("model", "input_shape", "dense", "calibration")}}
         # a shard's reference networks (measured by one shard only) calibrate the union
         meta["references"] = self.meta.get("references") or other.meta.get("references")
+        # each shard measured the cold factors of the entries it holds (pipeline.lut.cold)
+        meta["cold"] = {**(other.meta.get("cold") or {}), **(self.meta.get("cold") or {})}
         meta["shard"] = None
         meta["merged_from"] = [*_provenance(self.meta), *_provenance(other.meta)]
         meta["created"] = utc_now()
