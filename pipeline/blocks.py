@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .layer_context import ACT_FUNCTIONS, ACT_MODULES
+from .layer_context import ACT_FUNCTIONS, ACT_MODULES, tensor_shape
 from .spec import NetworkSpec, ResidualBlock
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def residual_blocks(model: nn.Module, example_input: torch.Tensor,
             continue
         owner = next(reversed(node.meta.get("nn_module_stack") or {}), None)
         found = owner and _block(graph, modules, node, owner, spec)
-        if found and all(b.name != found.name for b in blocks):
+        if found:  # a block has one add: no owner is found twice
             blocks.append(found)
     return blocks
 
@@ -96,24 +96,19 @@ def _block(graph: fx.GraphModule, modules: dict[str, nn.Module], add: fx.Node, o
         act = _act(modules, out)
         if act is None or out.all_input_nodes != [add] or len(add.users) != 1:
             return None
-    shapes = {_shape(n) for n in (add, *operands)}
+    shapes = {tensor_shape(n) for n in (add, *operands)}
     if len(shapes) != 1 or None in shapes:
         return None  # a broadcast: not a residual sum
     prefix = owner + "."
     layers = [la.name for la in spec.layers if la.name.startswith(prefix)]
     groups = [g.id for g in spec.groups
               if g.layers and all(name.startswith(prefix) for name in g.layers)]
-    reason = _why_not(graph, modules, x, operands, act, layers, groups, spec)
+    reason = _why_not(modules, x, operands, act, layers, groups, spec)
     return ResidualBlock(owner, layers, groups, act, reason is None, reason)
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-def _why_not(graph: fx.GraphModule, modules: dict[str, nn.Module], x: fx.Node,
-             operands: list[fx.Node], act: str | None, layers: list[str], groups: list[int],
+def _why_not(modules: dict[str, nn.Module], x: fx.Node, operands: list[fx.Node],
+             act: str | None, layers: list[str], groups: list[int],
              spec: NetworkSpec) -> str | None:
     """Why zeroing the block's branch does not leave the identity (None: it does)."""
     if x not in operands:

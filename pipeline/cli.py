@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-               name: Callable[[argparse.Namespace], str],
-               interrupted: Callable[[argparse.Namespace], str] = lambda _: "interrupted") -> int:
+               name: Callable[[argparse.Namespace], str]) -> int:
     """The exit status of ``args.func(args)`` for the arguments ``parser`` reads from
     ``argv``: a refused argument (argparse explained it) or a HalpError is 2, with the error
     after the command's ``name``; Ctrl-C is 130, saying ``interrupted``. Every entry point
@@ -55,7 +54,7 @@ def run_parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         print(f"{name(args)}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{name(args)}: {interrupted(args)}", file=sys.stderr)
+        print(f"{name(args)}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from .cli import run_parsed
 from .commands.common import (
     OUTPUT_FILE,
@@ -31,8 +29,10 @@ from .commands.common import (
     backend_from_args,
     checked,
 )
+from .engine import random_inputs
 from .errors import HalpError
 from .lut.job import Job
+from .lut.journal import journal_path
 from .lut.measure import Reference, measure_table
 
 
@@ -71,17 +71,20 @@ def run(args: argparse.Namespace) -> int:
     backend = backend_from_args(args)
 
     def references() -> list[Reference]:
-        if shard is not None and shard[0] != 1:
-            return []
-        x = np.random.default_rng(job.settings.seed).standard_normal(
-            job.spec.input_shape, dtype=np.float32)
-        return [(r.name, r.counts,
-                 backend.onnx_timer(job_path.parent / r.onnx, {r.input_name: x}))
+        return [(r.name, r.counts, backend.onnx_timer(
+                    job_path.parent / r.onnx,
+                    random_inputs({r.input_name: tuple(job.spec.input_shape)},
+                                  job.settings.seed)))
                 for r in job.references]
 
-    table = measure_table(job.spec, job.entries, backend, replace(job.settings, shard=shard),
-                          Path(args.out), references, model=job.model,
-                          progress=not args.no_progress)
+    try:
+        table = measure_table(job.spec, job.entries, backend,
+                              replace(job.settings, shard=shard), Path(args.out), references,
+                              model=job.model, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"progress is kept in {journal_path(args.out)}: rerun the same command to resume",
+              file=sys.stderr)
+        raise
     part = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
     print(f"{table.meta['points']} points of {len(table.entries)} signatures{part}, "
           f"{table.meta['build_s']} s of measuring on {table.meta['device']}")
@@ -94,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_parsed(_parser(), argv, lambda _: "pipeline.device",
-                      lambda args: f"interrupted; progress is kept in {args.out}.journal: rerun "
-                                   "the same command to resume")
+    return run_parsed(_parser(), argv, lambda _: "pipeline.device")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def find(model: nn.Module, example_input: torch.Tensor,
     return out
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def tensor_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for a traced node (None for a non-tensor)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
@@ -104,7 +105,7 @@ def _act(graph: fx.GraphModule, node: fx.Node) -> str | None:
 
 def _pool(graph: fx.GraphModule, node: fx.Node) -> Op | None:
     """A 2-D pooling op as a context op (global average pooling from several spellings)."""
-    shape = _shape(node.args[0]) if node.args else None
+    shape = tensor_shape(node.args[0]) if node.args else None
     if shape is None or len(shape) != 4:
         return None
     module = _module(graph, node)
@@ -119,7 +120,7 @@ def _pool(graph: fx.GraphModule, node: fx.Node) -> Op | None:
                 return None
             op["count_include_pad"] = bool(module.count_include_pad)
         return op
-    out = _shape(node)
+    out = tensor_shape(node)
     if isinstance(module, nn.AdaptiveAvgPool2d) or (
             node.op == "call_function" and node.target is F.adaptive_avg_pool2d):
         return {"op": "gap"} if out is not None and out[-2:] == (1, 1) else None
@@ -144,7 +145,7 @@ def _binary(node: fx.Node, src: fx.Node) -> Op | None:
     if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
         return None
     other = node.args[1] if node.args[0] is src else node.args[0]
-    mine, theirs, out = _shape(src), _shape(other), _shape(node)
+    mine, theirs, out = tensor_shape(src), tensor_shape(other), tensor_shape(node)
     if theirs is None or mine is None or out is None or len(mine) != len(theirs):
         return None
     if node.target in _MUL and len(out) == 4 and mine[:2] == theirs[:2]:
@@ -204,7 +205,7 @@ def _before(graph: fx.GraphModule, layer: fx.Node, claimed: set) -> list[Op]:
         op = _pool(graph, node)
         if op is None:
             break
-        ops.insert(0, {**op, "in_hw": list(_shape(node.args[0])[2:])})
+        ops.insert(0, {**op, "in_hw": list(tensor_shape(node.args[0])[2:])})
         node = node.args[0]
     return ops
 

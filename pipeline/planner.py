@@ -275,7 +275,8 @@ class Planner:
         ``current``; and the method that found them (:class:`Plan`)."""
         allowed = {g: self._allowed(g, current[g]) for g in self.groups}
         values = [gains[g][allowed[g]] for g in self.groups]
-        costs = [self._costs(g, allowed[g], current) for g in self.groups]
+        present = self._present(current)
+        costs = [self._costs(g, allowed[g], current, present) for g in self.groups]
         # everything not charged to a group (its layers at today's counts, the constant)
         room = budget - (self.predict(current) - math.fsum(c[-1] for c in costs))
         best = dict(current)
@@ -296,11 +297,16 @@ class Planner:
             return counts, "greedy"
         return dict(current), "unchanged"
 
-    def _costs(self, g: int, allowed: np.ndarray, current: Mapping[int, int]) -> np.ndarray:
+    def _present(self, counts: Mapping[int, int]) -> set[str]:
+        """Names of the layers left once the blocks ``counts`` removes are gone."""
+        return {la.name for la in self._network(counts).layers}
+
+    def _costs(self, g: int, allowed: np.ndarray, current: Mapping[int, int],
+               present: set[str]) -> np.ndarray:
         """Latency of the layers producing group g's channels at each allowed count, with
-        their inputs at today's counts (depthwise layers: input = output)."""
+        their inputs at today's counts (depthwise layers: input = output); only layers in
+        ``present`` (:meth:`_present` of ``current``) count."""
         costs = np.zeros(len(allowed))
-        present = {la.name for la in self._network(current).layers}
         for i, cout in enumerate(allowed[1:].tolist(), start=1):
             costs[i] = math.fsum(self.lut.latency(la, cout if la.op == "dwconv"
                                                   else la.dims(current)[0], cout)
@@ -316,7 +322,7 @@ class Planner:
         prices smaller layers higher.
         """
         counts = dict(counts)
-        present = {la.name for la in self._network(counts).layers}  # greedy removes no block
+        present = self._present(counts)  # greedy removes no block
         while self.predict(counts) > budget:
             best: tuple[float, float, int, int] | None = None
             for g in self.groups:

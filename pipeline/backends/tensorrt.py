@@ -36,6 +36,7 @@ import importlib
 import logging
 import weakref
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
@@ -180,10 +181,12 @@ class _CaptureFailed(Exception):
     """The engine's enqueue could not be captured as a CUDA graph (a reason to fall back)."""
 
 
+@lru_cache(maxsize=None)
 def _cudart() -> ModuleType | None:
     """cuda-python's CUDA runtime bindings (``cuda.bindings.runtime``; older releases only have
     ``cuda.cudart``, which newer ones deprecate and cuda-bindings 13 no longer ships), or None
-    when cuda-python is not installed."""
+    when cuda-python is not installed. Asked once: a failed import is not cached by Python,
+    and every table point asks."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)

@@ -17,9 +17,9 @@ where they stream more. Each entry's factor is kept in the table's meta (``cold`
 
 from __future__ import annotations
 
-import time
 import typing
 from collections.abc import Mapping
+from functools import partial
 
 from ..backends import Backend
 from ..onnx_layers import (
@@ -60,12 +60,10 @@ def measure_cold(backend: Backend, entries: Mapping[str, LutEntry], journal: Jou
     for sig, cin, cout, hot, streamed in cold_points(entries, params):
         layer = layer_from_geometry(entries[sig].layer_example)
         for role, copies in (("hot", hot), ("streamed", streamed)):
-            if role in journal.cold.get(sig, {}):
-                continue
-            started = time.perf_counter()
-            m = backend.time_layer(layer, cin, cout, copies=copies)
-            journal.add({"cold": sig, "role": role, "cin": cin, "cout": cout, "copies": copies,
-                         **m.to_dict()}, time.perf_counter() - started)
+            if role not in journal.cold.get(sig, {}):
+                journal.measure({"cold": sig, "role": role, "cin": cin, "cout": cout,
+                                 "copies": copies},
+                                partial(backend.time_layer, layer, cin, cout, copies=copies))
 
 
 def _share(layer: LayerSpec, cin: int, cout: int, params: int) -> float:

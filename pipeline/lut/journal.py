@@ -9,7 +9,8 @@ rerun with other ones is refused rather than mixing two builds in one table.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ class Journal:
         else:
             point = (rec["sig"], rec["cin"], rec["cout"])
             self.points.setdefault(point, {})[p] = Measurement.from_dict(rec)
+
+    def measure(self, rec: dict[str, Any], timer: Callable[[], Measurement]) -> Measurement:
+        """Run ``timer`` and :meth:`add` its measurement under ``rec``, with the wall time it
+        took."""
+        started = time.perf_counter()
+        m = timer()
+        self.add({**rec, **m.to_dict()}, time.perf_counter() - started)
+        return m
 
     def add(self, rec: dict[str, Any], wall_s: float) -> None:
         """Append a finished point (``sig``, ``cin``, ``cout`` + measurement), a reference

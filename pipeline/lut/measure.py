@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,7 +118,8 @@ def measure_table(spec: NetworkSpec, entries: Mapping[str, LutEntry], backend: B
     if journal.taken:
         log.info("resuming %s: %d of %d measurements already taken", journal.path,
                  journal.taken, len(tasks) * settings.passes)
-    refs = list(references())
+    # one shard measures the references; a merge calibrates every part on them
+    refs = list(references()) if settings.shard is None or settings.shard[0] == 1 else []
     timers = {name: timer for name, _, timer in refs}
     _measure_passes(backend, entries, tasks, timers, journal, settings, progress=progress)
     table = _assemble(spec, entries, journal, refs, described, settings, model)
@@ -183,11 +184,9 @@ def _measure(backend: Backend, entries: Mapping[str, LutEntry], todo: list[Task]
     """Time the points ``todo`` in pass ``p``, each packed for a working set of ``params``."""
     examples = {sig: layer_from_geometry(e.layer_example) for sig, e in entries.items()}
     for sig, cin, cout in todo:
-        started = time.perf_counter()
         copies = copies_for(examples[sig], cin, cout, params)
-        m = backend.time_layer(examples[sig], cin, cout, copies=copies)
-        journal.add({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies,
-                     **m.to_dict()}, time.perf_counter() - started)
+        journal.measure({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies},
+                        partial(backend.time_layer, examples[sig], cin, cout, copies=copies))
         bar.update()
 
 
@@ -198,9 +197,7 @@ def _measure_references(timers: Mapping[str, Callable[[], Measurement]], journal
     for r in range(rounds):
         for name, timer in timers.items():
             if (p, r) not in journal.refs.get(name, {}):
-                started = time.perf_counter()
-                journal.add({"ref": name, "pass": p, "round": r, **timer().to_dict()},
-                            time.perf_counter() - started)
+                journal.measure({"ref": name, "pass": p, "round": r}, timer)
 
 
 def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
