@@ -99,13 +99,17 @@ def test_schedule_reaches_target_masks_hold_and_slim_matches(
     slim = pruner.finalize()
     assert check_equivalent(model, slim, x) <= 1e-4
     assert lut.predict(analyze(slim, x)) == pytest.approx(pruner.predicted_ms, rel=1e-9)
-    # ORT folds BatchNorm and picks its own kernels: over mobilenet_v2's 50 layers the logits
-    # differ from torch by rounding of up to about 1e-3, depending on the pruned widths
-    proto = to_onnx(slim, x, atol=1e-3)
+    # ORT folds BatchNorm and picks its own kernels per CPU: over mobilenet_v2's 50 layers the
+    # trained logits differ from torch by rounding of about 1e-3 here and up to 0.0093 on logits
+    # of magnitude 5.8 on a CI runner, so the bound scales with the logits (a wrong channel
+    # order or a dropped layer is off by their own size)
+    with torch.no_grad():
+        want = slim.eval()(x).numpy()
+    atol = 5e-3 * float(np.abs(want).max())
+    proto = to_onnx(slim, x, atol=atol)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(got, slim.eval()(x).numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=atol)
 
 
 def test_resume_continues_the_schedule_exactly() -> None:
