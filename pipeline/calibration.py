@@ -85,9 +85,13 @@ def fit(*points: tuple[float, float]) -> Calibration:
 
 
 def _line(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float]:
-    """Least-squares (scale, constant); with one point (or no spread) the dense offset."""
+    """The (scale, constant) with the least squared *relative* errors; with one point (or no
+    spread) the dense offset. Relative, because predictions are judged by their relative error
+    and because the dense network, whose weights stream from the furthest memory, is also the
+    one its neighbours on a shared machine slow down most: an absolute fit lets its 5-10% swings
+    between runs set the scale for every pruned network."""
     if len(xs) > 1 and np.ptp(xs) > 1e-9 * max(float(xs[0]), 1e-12):
-        scale, constant = np.polyfit(xs, ys, 1)
+        scale, constant = np.polyfit(xs, ys, 1, w=1.0 / ys)
         return float(scale), float(constant)
     return 1.0, float(ys[0] - xs[0])
 
@@ -95,14 +99,18 @@ def _line(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float]:
 def _bounded(xs: np.ndarray, ys: np.ndarray, free: tuple[float, float],
              floor: float) -> tuple[float, float]:
     """``free`` when its scale is in :data:`SCALE_RANGE` and its constant above ``floor``;
-    else the least-squares line with scale in range and constant >= 0."""
+    else the line of least squared relative errors with scale in range and constant >= 0."""
     lo, hi = SCALE_RANGE
     if lo <= free[0] <= hi and free[1] >= floor:
         return free
-    candidates = []
-    for s in (lo, hi, float(np.clip(xs @ ys / max(xs @ xs, 1e-12), lo, hi))):
-        candidates.append((s, max(0.0, float(np.mean(ys - s * xs)))))
-    return min(candidates, key=lambda sc: float(np.sum((sc[0] * xs + sc[1] - ys) ** 2)))
+    w = 1.0 / ys ** 2
+
+    def constant(s: float) -> float:
+        return max(0.0, float(w @ (ys - s * xs) / w.sum()))
+
+    candidates = [(s, constant(s)) for s in (lo, hi, float(np.clip((w @ (xs * ys)) / (w @ xs ** 2),
+                                                                  lo, hi)))]
+    return min(candidates, key=lambda sc: float(w @ (sc[0] * xs + sc[1] - ys) ** 2))
 
 
 def scaled_counts(spec: NetworkSpec, fraction: float, step: int = 8) -> dict[int, int]:

@@ -1,91 +1,129 @@
-"""Weights from memory for compute-bound layers: a factor per table entry for what its packed
-points cannot afford to stream.
+"""Weights from memory for compute-bound layers: a factor per point for what its packed copies
+cannot afford to stream.
 
-A compute-bound layer's packed points hold only as many copies as ``MAX_PACKED_MACS`` allows
-(often one), so its weights stay in the caches between runs, while inside the network the rest
-of the network's weights pass through first. Below ``COLD_INTENSITY`` multiply-accumulates per
-weight that costs time: on a Xeon at 1 thread, resnet50's convolutions at 7x7 output ran
-1.22-1.25x as long with their weights streamed, at 14x14 1.08x. Streaming the network's weights
-at every point would multiply a table's measuring time (resnet18 at 224x224: about 9 s of
-running per pass becomes 25 s), so each such entry's full-width point is timed twice, back to
-back, in the first pass: with its usual copies ("hot") and with as many as stream the network's
-weights within ``COLD_MACS`` ("streamed"). Their ratio (a compute-bound layer's intensity is
-the same at every channel count) scales the entry's points: fully where a point's copies
-stream no more of the network's weights than the full-width point's do, proportionally less
-where they stream more. Each entry's factor is kept in the table's meta (``cold``).
+A compute-bound layer's points hold only as many copies as ``MAX_PACKED_MACS`` allows (often
+one at full width), so its weights stay in the caches between runs, while inside the network
+the rest of the network's weights pass through first. Below ``COLD_INTENSITY`` multiply-
+accumulates per weight that costs time: on a Xeon at 1 thread, resnet50's convolutions at 7x7
+output ran 1.22-1.25x as long with their weights streamed, at 14x14 1.08x. Streaming the
+working set at every point would multiply a table's measuring time (resnet18 at 224x224: about
+9 s of running per pass becomes 25 s), so each such entry is timed at a few anchors, hot (its
+usual copies) and streamed (as many as stream the point's working set within ``COLD_MACS``,
+:mod:`pipeline.lut.working_sets`), back to back in every pass: at its full width, at half and at
+a quarter of it, until the usual copies stream the whole working set. The ratio depends on the
+width, not only on the intensity: the working set shrinks with the width, and on the same
+Xeon resnet34's 6x6 convolutions ran 1.20x streamed at full width and 1.02x at half width, where
+the network's 22 MB pass through the caches that 87 MB overflow. A point's factor is
+interpolated between the anchors in log weights. The anchors are kept in the table's meta
+(``cold``).
 """
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Mapping
 from functools import partial
 
+import numpy as np
+
 from ..backends import Backend
+from ..backends.timing import combine
+from ..errors import UnsupportedLayer
 from ..onnx_layers import (
     COLD_INTENSITY,
     COLD_MACS,
     COMPUTE_BOUND,
-    copies_for,
+    groups_at,
     intensity,
     layer_params,
 )
 from ..spec import LayerSpec
-from .grid import LutEntry, layer_from_geometry
+from .grid import LutEntry
 from .journal import Journal
+from .working_sets import WorkingSets
 
-#: (signature, cin, cout, hot copies, streamed copies): an entry's cold-factor measurement
+#: (signature, cin, cout, hot copies, streamed copies): an anchor of an entry's cold factor;
+#: hot == streamed where the usual copies already stream the working set (factor 1, not timed)
 ColdPoint = typing.Tuple[str, int, int, int, int]
 
+#: anchors per entry at most: its full width, half and a quarter of it
+ANCHORS = 3
 
-def cold_points(entries: Mapping[str, LutEntry], params: int) -> list[ColdPoint]:
-    """The entries of ``entries`` that need a cold factor, each at its layer's full width
-    (taken from the example layer, so every shard of a table measures the same point)."""
+
+def _widths(layer: LayerSpec) -> list[tuple[int, int]]:
+    """The anchors' (cin, cout): the layer's full width, then each prunable side halved."""
+    cin_varies = layer.in_group is not None or any(g is not None for g, _ in layer.in_sources)
+    cout_varies = layer.out_group is not None
+    out = []
+    for k in range(ANCHORS):
+        cin = max(1, layer.cin >> k) if cin_varies else layer.cin
+        cout = max(1, layer.cout >> k) if cout_varies else layer.cout
+        try:
+            groups_at(layer, cin, cout)
+        except UnsupportedLayer:  # a grouped convolution keeps its channel counts
+            break
+        if (cin, cout) in out:
+            break
+        out.append((cin, cout))
+    return out
+
+
+def cold_points(entries: Mapping[str, LutEntry], sets: WorkingSets) -> list[ColdPoint]:
+    """The anchors of the entries of ``entries`` that need a cold factor (taken from the example
+    layer, so every shard of a table measures the same anchors)."""
     out = []
     for sig in sorted(entries):
-        layer = layer_from_geometry(entries[sig].layer_example)
-        cin, cout = layer.cin, layer.cout
-        if not COMPUTE_BOUND <= intensity(layer, cin, cout) < COLD_INTENSITY:
+        layer = sets.example(sig)
+        if not COMPUTE_BOUND <= intensity(layer, layer.cin, layer.cout) < COLD_INTENSITY:
             continue
-        hot = copies_for(layer, cin, cout, params)
-        streamed = copies_for(layer, cin, cout, params, max_macs=COLD_MACS)
-        if streamed > hot:
-            out.append((sig, cin, cout, hot, streamed))
+        mine: list[ColdPoint] = []
+        for cin, cout in _widths(layer):
+            hot = sets.copies(sig, cin, cout)
+            streamed = max(hot, sets.copies(sig, cin, cout, max_macs=COLD_MACS))
+            if streamed == hot and not mine:
+                break  # already streams at full width: no factor
+            mine.append((sig, cin, cout, hot, streamed))
+            if streamed == hot:
+                break  # from here on the usual copies stream the working set: factor 1
+        out += mine
     return out
 
 
 def measure_cold(backend: Backend, entries: Mapping[str, LutEntry], journal: Journal,
-                 params: int) -> None:
-    """Time each cold point hot and streamed, back to back, unless the journal has them."""
-    for sig, cin, cout, hot, streamed in cold_points(entries, params):
-        layer = layer_from_geometry(entries[sig].layer_example)
+                 sets: WorkingSets, p: int) -> None:
+    """Time each anchor hot and streamed, back to back, in pass ``p``, unless the journal has
+    them."""
+    for sig, cin, cout, hot, streamed in cold_points(entries, sets):
+        if streamed == hot:
+            continue
+        layer = sets.example(sig)
         for role, copies in (("hot", hot), ("streamed", streamed)):
-            if role not in journal.cold.get(sig, {}):
+            if p not in journal.cold.get((sig, cin, cout, role), {}):
                 journal.measure({"cold": sig, "role": role, "cin": cin, "cout": cout,
-                                 "copies": copies},
+                                 "copies": copies, "pass": p},
                                 partial(backend.time_layer, layer, cin, cout, copies=copies))
 
 
-def _share(layer: LayerSpec, cin: int, cout: int, params: int) -> float:
-    """How much of the network's ``params`` weights a point's packed copies stream."""
-    copies = copies_for(layer, cin, cout, params)
-    return min(1.0, copies * layer_params(layer, cin, cout) / params)
-
-
 def apply_cold(entries: Mapping[str, LutEntry], journal: Journal,
-               params: int) -> dict[str, dict[str, typing.Any]]:
-    """Scale the measured points of ``entries`` by their entry's cold factor, in place; the
-    factors (signature -> factor, copies, point) for the table's meta."""
-    factors = {}
-    for sig, cin, cout, hot, streamed in cold_points(entries, params):
-        pair = journal.cold[sig]
-        factor = max(1.0, pair["streamed"].ms / pair["hot"].ms)
+               sets: WorkingSets) -> dict[str, list[dict[str, typing.Any]]]:
+    """Scale the measured points of ``entries`` by their cold factor, in place; the anchors
+    (signature -> [{point, copies, factor}]) for the table's meta."""
+    anchors: dict[str, list[dict[str, typing.Any]]] = {}
+    for sig, cin, cout, hot, streamed in cold_points(entries, sets):
+        factor = 1.0
+        if streamed > hot:
+            hot_ms, streamed_ms = (combine(list(journal.cold[(sig, cin, cout, role)].values())).ms
+                                   for role in ("hot", "streamed"))
+            factor = max(1.0, streamed_ms / hot_ms)
+        anchors.setdefault(sig, []).append({"point": [cin, cout], "copies": [hot, streamed],
+                                            "factor": round(factor, 4)})
+    for sig, found in anchors.items():
+        layer = sets.example(sig)
+        own = [math.log(layer_params(layer, *a["point"])) for a in found][::-1]
+        factors = [a["factor"] for a in found][::-1]
         entry = entries[sig]
-        layer = layer_from_geometry(entry.layer_example)
-        full = _share(layer, cin, cout, params)
         for (ci, co), m in entry.points.items():
-            weight = min(1.0, (1.0 - _share(layer, ci, co, params)) / (1.0 - full))
-            entry.points[(ci, co)] = m.scaled(1.0 + (factor - 1.0) * weight)
-        factors[sig] = {"factor": round(factor, 4), "copies": [hot, streamed],
-                        "point": [cin, cout]}
-    return factors
+            x = math.log(layer_params(layer, ci, co))
+            entry.points[(ci, co)] = m.scaled(float(np.interp(x, own, factors)))
+    return anchors

@@ -23,15 +23,17 @@ from ..spec import SPEC_FORMAT, LayerSpec, NetworkSpec
 if TYPE_CHECKING:
     from ..backends import Measurement
 
-#: how entries are measured, recorded in every table and journal header: each point is
-#: ``copies_for(layer, cin, cout, working_set)`` copies of the layer with their own weights
-#: in one graph, so the weights stream through the caches as they do in the network. /2: the
-#: graph's output is one value per channel (no whole-map layout conversion in any run,
-#: :func:`~pipeline.onnx_layers.packed_graph`). /5: every copy runs its own prologue (ONNX
-#: Runtime had merged the copies' identical poolings into one), and a per-channel product pays
-#: the layout conversions the network pays around it (ONNX Runtime's NCHWc on x86). /3 and /4
-#: were measured and dropped (docs/BENCHMARKS.md).
-PROTOCOL = "packed-network-working-set/5"
+#: how entries are measured, recorded in every table and journal header: each point is copies
+#: of the layer with their own weights in one graph, so the weights stream through the caches
+#: as they do in the network. /2: the graph's output is one value per channel (no whole-map
+#: layout conversion in any run, :func:`~pipeline.onnx_layers.packed_graph`). /5: every copy
+#: runs its own prologue (ONNX Runtime had merged the copies' identical poolings into one), and
+#: a per-channel product pays the layout conversions the network pays around it (ONNX
+#: Runtime's NCHWc on x86). /6: a point streams the working set of a network pruned to its
+#: width, not the dense network's (:mod:`pipeline.lut.working_sets`), and compute-bound entries
+#: take cold factors at several widths (:mod:`pipeline.lut.cold`). /3 and /4 were measured and
+#: dropped (docs/BENCHMARKS.md).
+PROTOCOL = "packed-scaled-working-set/6"
 
 Point = typing.Tuple[int, int]
 
@@ -92,7 +94,8 @@ def plan(spec: NetworkSpec, step: int = 8, max_points: int | None = None) -> dic
 
 def working_set(spec: NetworkSpec) -> int:
     """Parameters of the network's conv/linear layers: the weights that stream through the
-    caches between two runs of any one layer (the packed protocol's target, :data:`PROTOCOL`)."""
+    caches between two runs of any one layer of the dense network (what the packed protocol
+    scales per point, :mod:`pipeline.lut.working_sets`)."""
     return int(sum(layer.params for layer in spec.layers))
 
 

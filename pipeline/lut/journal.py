@@ -44,8 +44,8 @@ class Journal:
         self.points: dict[tuple[str, int, int], dict[int, Measurement]] = {}  # point -> pass
         #: calibration network -> (pass, round)
         self.refs: dict[str, dict[tuple[int, int], Measurement]] = {}
-        #: entry signature -> "hot" / "streamed" (:mod:`pipeline.lut.cold`)
-        self.cold: dict[str, dict[str, Measurement]] = {}
+        #: (entry signature, cin, cout, "hot" / "streamed") -> pass (:mod:`pipeline.lut.cold`)
+        self.cold: dict[tuple[str, int, int, str], dict[int, Measurement]] = {}
         self.spent_s = 0.0
         if not path.exists():  # the header is written whole, never torn
             atomic_write_text(path, json.dumps({"header": header}) + "\n")
@@ -71,7 +71,8 @@ class Journal:
         self.spent_s += rec.get("wall_s", 0.0)
         p = int(rec.get("pass", 0))
         if "cold" in rec:
-            self.cold.setdefault(rec["cold"], {})[rec["role"]] = Measurement.from_dict(rec)
+            key = (rec["cold"], rec["cin"], rec["cout"], rec["role"])
+            self.cold.setdefault(key, {})[p] = Measurement.from_dict(rec)
         elif "ref" in rec:
             key = (p, int(rec.get("round", 0)))
             self.refs.setdefault(rec["ref"], {})[key] = Measurement.from_dict(rec)
@@ -89,8 +90,8 @@ class Journal:
 
     def add(self, rec: dict[str, Any], wall_s: float) -> None:
         """Append a finished point (``sig``, ``cin``, ``cout`` + measurement), a reference
-        network's measurement (``ref``) or one of an entry's cold-factor pair (``cold``,
-        ``role``)."""
+        network's measurement (``ref``) or one of an entry's cold-factor pairs (``cold``,
+        ``role``, ``cin``, ``cout``)."""
         rec = {**rec, "wall_s": round(wall_s, 4)}
         append_journal(self.path, rec)
         self._take(rec)

@@ -25,21 +25,15 @@ from ..backends import Backend, BackendInfo, Measurement
 from ..backends.timing import ROUNDS, combine
 from ..calibration import fit
 from ..errors import HalpError, LutMismatch
-from ..onnx_layers import (
-    COLD_INTENSITY,
-    COLD_MACS,
-    COMPUTE_BOUND,
-    MAX_COPIES,
-    MAX_PACKED_MACS,
-    copies_for,
-)
+from ..onnx_layers import COLD_INTENSITY, COLD_MACS, COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS
 from ..progress import progress as progress_bar
 from ..spec import NetworkSpec
 from .cold import apply_cold, measure_cold
-from .grid import PROTOCOL, LutEntry, Point, layer_from_geometry, working_set
+from .grid import PROTOCOL, LutEntry, Point, working_set
 from .journal import Journal, journal_header, journal_path
 from .schema import utc_now
 from .table import LatencyTable
+from .working_sets import WorkingSets
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -121,8 +115,9 @@ def measure_table(spec: NetworkSpec, entries: Mapping[str, LutEntry], backend: B
     # one shard measures the references; a merge calibrates every part on them
     refs = list(references()) if settings.shard is None or settings.shard[0] == 1 else []
     timers = {name: timer for name, _, timer in refs}
-    _measure_passes(backend, entries, tasks, timers, journal, settings, progress=progress)
-    table = _assemble(spec, entries, journal, refs, described, settings, model)
+    sets = WorkingSets(spec, entries)
+    _measure_passes(backend, entries, tasks, timers, journal, settings, sets, progress=progress)
+    table = _assemble(spec, entries, journal, refs, described, settings, model, sets)
     table.save(out)
     journal.path.unlink(missing_ok=True)
     return table
@@ -163,30 +158,27 @@ def _existing(out: Path, spec: NetworkSpec, header: dict[str, Any], *,
 
 def _measure_passes(backend: Backend, entries: Mapping[str, LutEntry], tasks: list[Task],
                     timers: Mapping[str, Callable[[], Measurement]], journal: Journal,
-                    settings: Settings, *, progress: bool) -> None:
-    """Each pass: the points it still lacks in the pass's own shuffled order, then the
-    reference networks' rounds it still lacks; the first also the entries' cold factors
-    (:mod:`pipeline.lut.cold`)."""
+                    settings: Settings, sets: WorkingSets, *, progress: bool) -> None:
+    """Each pass: the entries' cold-factor anchors it still lacks (:mod:`pipeline.lut.cold`),
+    the points it still lacks in the pass's own shuffled order, then the reference networks'
+    rounds it still lacks."""
     with progress_bar(total=len(tasks) * settings.passes, initial=journal.taken,
                       disable=not progress, unit="pt", desc="lut") as bar:
-        params = settings.protocol["working_set_params"]
         for p in range(settings.passes):
-            if p == 0:
-                measure_cold(backend, entries, journal, params)
+            measure_cold(backend, entries, journal, sets, p)
             todo = [pt for pt in tasks if p not in journal.points.get(pt, {})]
             random.Random(settings.seed + p).shuffle(todo)
-            _measure(backend, entries, todo, journal, p, bar, params)
+            _measure(backend, todo, journal, p, bar, sets)
             _measure_references(timers, journal, p, math.ceil(ROUNDS / settings.passes))
 
 
-def _measure(backend: Backend, entries: Mapping[str, LutEntry], todo: list[Task],
-             journal: Journal, p: int, bar: tqdm, params: int) -> None:
-    """Time the points ``todo`` in pass ``p``, each packed for a working set of ``params``."""
-    examples = {sig: layer_from_geometry(e.layer_example) for sig, e in entries.items()}
+def _measure(backend: Backend, todo: list[Task], journal: Journal, p: int, bar: tqdm,
+             sets: WorkingSets) -> None:
+    """Time the points ``todo`` in pass ``p``, each packed for its working set."""
     for sig, cin, cout in todo:
-        copies = copies_for(examples[sig], cin, cout, params)
+        copies = sets.copies(sig, cin, cout)
         journal.measure({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies},
-                        partial(backend.time_layer, examples[sig], cin, cout, copies=copies))
+                        partial(backend.time_layer, sets.example(sig), cin, cout, copies=copies))
         bar.update()
 
 
@@ -202,14 +194,14 @@ def _measure_references(timers: Mapping[str, Callable[[], Measurement]], journal
 
 def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
               references: Sequence[Reference], described: BackendInfo, settings: Settings,
-              model: str) -> LatencyTable:
+              model: str, sets: WorkingSets) -> LatencyTable:
     """The table from the journal: each point's and reference's passes combined by the
     protocol's rule. The references' measurements are kept in the meta; a whole table (not a
     shard) is calibrated on them at once, a shard when merged (:func:`calibrate`)."""
     for sig, entry in entries.items():
         entry.points = {k: combine(list(journal.points[(sig, *k)].values()))
                         for k in entry.points}
-    cold = apply_cold(entries, journal, settings.protocol["working_set_params"])
+    cold = apply_cold(entries, journal, sets)
     measured = {name: combine(list(journal.refs[name].values())) for name, _, _ in references}
     meta = {
         **described.to_dict(),

@@ -1,0 +1,56 @@
+"""The working set each point of a table is measured in: how many weights stream through the
+caches between two runs of the layer, inside the network the point belongs to.
+
+A point (cin, cout) is the layer inside a network pruned to about that width. The network's
+working set shrinks with it: the calibration's half-width reference keeps a quarter of the
+dense network's weights, the quarter-width one a sixteenth. Timing every point with the dense
+network's weights streaming past it prices pruned networks as if their weights still came from
+as far away as the dense network's do; on a CPU whose last-level cache holds the pruned
+network and not the dense one (a 32 MiB L3, resnet34's 87 MB against 22 MB at half width),
+that is the difference between DRAM and cache. So each point streams the network's weights
+scaled by the share of its layer's weights the point keeps, as if every layer were pruned
+alike: ``network × own(cin, cout) / own(full)``, which is about the same number of copies at
+every width of a layer (:data:`~pipeline.lut.grid.PROTOCOL` /6).
+
+A signature shared by layers of several widths takes as full the smallest of them that holds
+the point (its own layer, where the point lies inside it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from ..onnx_layers import MAX_PACKED_MACS, copies_for, layer_params
+from ..spec import LayerSpec, NetworkSpec
+from .grid import LutEntry, layer_from_geometry, working_set
+
+
+class WorkingSets:
+    """Per point of ``entries`` (planned for ``spec``): its working set and packed copies."""
+
+    def __init__(self, spec: NetworkSpec, entries: Mapping[str, LutEntry]):
+        self.network = working_set(spec)
+        self.examples = {sig: layer_from_geometry(e.layer_example) for sig, e in entries.items()}
+        #: per signature: (own weights at full width, cin, cout) of each of its layers
+        self._fulls = {
+            sig: sorted({(layer_params(self.examples[sig], *spec.layer(name).dims()),
+                          *spec.layer(name).dims()) for name in e.layers})
+            for sig, e in entries.items()}
+
+    def example(self, sig: str) -> LayerSpec:
+        return self.examples[sig]
+
+    def params(self, sig: str, cin: int, cout: int) -> int:
+        """The weights streaming between two runs of the layer at (cin, cout)."""
+        own = layer_params(self.examples[sig], cin, cout)
+        fulls = self._fulls[sig]
+        holding = [full for full, ci, co in fulls if cin <= ci and cout <= co]
+        full = min(holding) if holding else fulls[-1][0]
+        return max(1, math.ceil(self.network * own / max(1, full)))
+
+    def copies(self, sig: str, cin: int, cout: int, max_macs: int = MAX_PACKED_MACS) -> int:
+        """Copies of the layer at (cin, cout) that stream its working set, within ``max_macs``
+        for a compute-bound layer (:func:`~pipeline.onnx_layers.copies_for`)."""
+        return copies_for(self.examples[sig], cin, cout, self.params(sig, cin, cout),
+                          max_macs=max_macs)
