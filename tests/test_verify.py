@@ -20,7 +20,7 @@ from pipeline.errors import LutMismatch
 from pipeline.lut import LatencyTable
 from pipeline.planner import Planner
 from pipeline.structure import trace
-from pipeline.verify import KNAPSACK_TARGETS, _architectures, spearman, verify
+from pipeline.verify import KNAPSACK_TARGETS, _architectures, random_counts, spearman, verify
 
 
 def test_planned_samples_include_coupled_and_decoupled_solutions() -> None:
@@ -37,6 +37,18 @@ def test_planned_samples_include_coupled_and_decoupled_solutions() -> None:
     for kind, counts in planned:
         assert planner.predict(counts) <= float(kind.split("@")[1]) * planner.dense_ms
     assert len(chosen) == 12
+
+
+def test_random_samples_cover_the_range_evenly() -> None:
+    """Eight random samples, one per slice of the width range: their predictions rise with the
+    slice, from heavily pruned to nearly dense, so no two crowd where noise decides ranks."""
+    model = make_model("resnet18")
+    spec = trace(model, torch.randn(*INPUT), ignore_stem=True).spec
+    planner = Planner(spec, mac_table(spec))
+    rng = np.random.default_rng(3)
+    predicted = [planner.predict(random_counts(planner, rng, (i, 8))) for i in range(8)]
+    assert spearman(list(range(8)), predicted) >= 0.9
+    assert predicted[0] < 0.75 * predicted[-1]
 
 
 def test_spearman_matches_scipy() -> None:
