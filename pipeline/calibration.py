@@ -108,8 +108,8 @@ def _bounded(xs: np.ndarray, ys: np.ndarray, free: tuple[float, float],
     def constant(s: float) -> float:
         return max(0.0, float(w @ (ys - s * xs) / w.sum()))
 
-    candidates = [(s, constant(s)) for s in (lo, hi, float(np.clip((w @ (xs * ys)) / (w @ xs ** 2),
-                                                                  lo, hi)))]
+    through_zero = float(np.clip((w @ (xs * ys)) / (w @ xs ** 2), lo, hi))
+    candidates = [(s, constant(s)) for s in (lo, hi, through_zero)]
     return min(candidates, key=lambda sc: float(w @ (sc[0] * xs + sc[1] - ys) ** 2))
 
 

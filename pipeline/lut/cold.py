@@ -80,7 +80,7 @@ def cold_points(entries: Mapping[str, LutEntry], sets: WorkingSets) -> list[Cold
         mine: list[ColdPoint] = []
         for cin, cout in _widths(layer):
             hot = sets.copies(sig, cin, cout)
-            streamed = max(hot, sets.copies(sig, cin, cout, max_macs=COLD_MACS))
+            streamed = sets.copies(sig, cin, cout, max_macs=COLD_MACS)  # >= hot: more MACs
             if streamed == hot and not mine:
                 break  # already streams at full width: no factor
             mine.append((sig, cin, cout, hot, streamed))

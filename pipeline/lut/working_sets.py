@@ -31,19 +31,21 @@ class WorkingSets:
 
     def __init__(self, spec: NetworkSpec, entries: Mapping[str, LutEntry]):
         self.network = working_set(spec)
-        self.examples = {sig: layer_from_geometry(e.layer_example) for sig, e in entries.items()}
+        self._examples = {sig: layer_from_geometry(e.layer_example) for sig, e in entries.items()}
         #: per signature: (own weights at full width, cin, cout) of each of its layers
-        self._fulls = {
-            sig: sorted({(layer_params(self.examples[sig], *spec.layer(name).dims()),
-                          *spec.layer(name).dims()) for name in e.layers})
-            for sig, e in entries.items()}
+        self._fulls = {sig: sorted({self._full(sig, *spec.layer(name).dims()) for name in e.layers})
+                       for sig, e in entries.items()}
+
+    def _full(self, sig: str, cin: int, cout: int) -> tuple[int, int, int]:
+        return layer_params(self._examples[sig], cin, cout), cin, cout
 
     def example(self, sig: str) -> LayerSpec:
-        return self.examples[sig]
+        """The entry's example layer (its geometry), as the backend times it."""
+        return self._examples[sig]
 
     def params(self, sig: str, cin: int, cout: int) -> int:
         """The weights streaming between two runs of the layer at (cin, cout)."""
-        own = layer_params(self.examples[sig], cin, cout)
+        own = layer_params(self._examples[sig], cin, cout)
         fulls = self._fulls[sig]
         holding = [full for full, ci, co in fulls if cin <= ci and cout <= co]
         full = min(holding) if holding else fulls[-1][0]
@@ -52,5 +54,5 @@ class WorkingSets:
     def copies(self, sig: str, cin: int, cout: int, max_macs: int = MAX_PACKED_MACS) -> int:
         """Copies of the layer at (cin, cout) that stream its working set, within ``max_macs``
         for a compute-bound layer (:func:`~pipeline.onnx_layers.copies_for`)."""
-        return copies_for(self.examples[sig], cin, cout, self.params(sig, cin, cout),
+        return copies_for(self._examples[sig], cin, cout, self.params(sig, cin, cout),
                           max_macs=max_macs)
