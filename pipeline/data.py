@@ -37,13 +37,18 @@ class DataBundle:
 
 
 def load_data(spec: str, input_shape: Sequence[int], *, batch_size: int = 64, seed: int = 0,
-              workers: int = 0) -> DataBundle:
-    """Train/val loaders for ``spec`` whose images match ``input_shape`` (N, C, H, W)."""
+              workers: int = 0, split_seed: int | None = None) -> DataBundle:
+    """Train/val loaders for ``spec`` whose images match ``input_shape`` (N, C, H, W).
+
+    ``seed`` orders and augments the training batches; ``split_seed`` (default: ``seed``)
+    draws the digits' train/val split, held fixed where runs with several seeds must share
+    one validation set (a baseline trained on one split must not see another's val images)."""
     channels, height, width = _check_shape(input_shape)
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if spec == "digits":
-        train, val, num_classes = _digits(channels, height, width, seed)
+        train, val, num_classes = _digits(channels, height, width,
+                                          seed if split_seed is None else split_seed)
     elif spec.startswith(IMAGEFOLDER):
         train, val, num_classes = _imagefolder(spec[len(IMAGEFOLDER):], channels, height, width)
     else:

@@ -49,7 +49,10 @@ PRUNE_SPAN = 0.6
 RELAXED_MARGIN = 1.15
 
 
-__all__ = ["PruneConfig", "run"]
+#: the stages of :func:`run`, also used by the peer comparison (tools/bench_peers.py) so that
+#: every method gets HALP's baseline, table, schedule and engine path
+__all__ = ["PruneConfig", "export_and_build", "halp_finetune", "latency_table", "prune_interval",
+           "run", "train_baseline"]
 
 
 @dataclass
@@ -70,7 +73,7 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     # refuse an unavailable backend, bad data, schedule, model or table before any long work
     backend = _backend(cfg)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
-    interval = _prune_interval(cfg, len(data.train))
+    interval = prune_interval(cfg, len(data.train))
     x = torch.randn(*cfg.input_shape)
     model = load_model(cfg.model, num_classes=data.num_classes)
     spec = analyze(model, x, name=cfg.model)  # weights do not change the structure
@@ -79,15 +82,15 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     log(f"[1/5] baseline {cfg.model} on {data.name}")
-    _baseline(cfg, model, data, out, log)
+    train_baseline(cfg, model, data, out, log)
     dense_top1 = evaluate(model, data.val, cfg.train_device)
     model.to("cpu")
 
     log(f"[2/5] latency table ({backend.name} {backend.precision})")
-    lut = given if given is not None else _lut(cfg, spec, backend, model, x, log)
+    lut = given if given is not None else latency_table(cfg, spec, backend, model, x, log)
 
     log(f"[3/5] HALP pruning to {_target_text(cfg)} while fine-tuning")
-    pruner = _prune(cfg, model, x, lut, data, interval, out, log)
+    pruner = halp_finetune(cfg, model, x, lut, data, interval, out, log)
     slim_model = pruner.finalize().eval()
     pruned_top1 = evaluate(slim_model, data.val, cfg.train_device)
     slim_model.to("cpu")
@@ -95,8 +98,8 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
 
     log("[4/5] export and engines")
     torch.save(slim_model, out / "pruned.pt")
-    dense_engine = _export_and_build(model.eval(), x, backend, out, "dense")
-    pruned_engine = _export_and_build(slim_model, x, backend, out, "pruned")
+    dense_engine = export_and_build(model.eval(), x, backend, out, "dense")
+    pruned_engine = export_and_build(slim_model, x, backend, out, "pruned")
     log("[5/5] measuring dense and pruned engines")
     dense_ms, pruned_ms = _measure_pair(dense_engine, pruned_engine, backend)
 
@@ -176,7 +179,7 @@ def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
+def train_baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
               log: Callable[[str], Any]) -> None:
     """Load the user's trained weights into ``model``, or train it here (resumable, reused when
     cached)."""
@@ -188,7 +191,7 @@ def _baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
         val_loader=data.val, checkpoint=ckpt, resume=True, desc="baseline", log=log)
 
 
-def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
+def latency_table(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
          x: torch.Tensor, log: Callable[[str], Any]) -> LatencyTable:
     """The table ``--lut auto`` builds, or reuses from the cache when built the same way."""
     desc = backend.describe()
@@ -211,7 +214,7 @@ def _lut(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module
         return build()
 
 
-def _prune_interval(cfg: PruneConfig, batches: int) -> int:
+def prune_interval(cfg: PruneConfig, batches: int) -> int:
     """Fine-tuning iterations between pruning steps, so that all steps end in PRUNE_SPAN."""
     iterations = cfg.epochs * batches
     interval = max(1, int(PRUNE_SPAN * iterations) // cfg.steps)
@@ -221,8 +224,9 @@ def _prune_interval(cfg: PruneConfig, batches: int) -> int:
     return interval
 
 
-def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable, data: Any,
-           interval: int, out: Path, log: Callable[[str], Any]) -> HalpPruner:
+def halp_finetune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable,
+                  data: Any, interval: int, out: Path, log: Callable[[str], Any]) -> HalpPruner:
+    """Fine-tune ``model`` while HALP prunes it to the target (resumable from ``out``)."""
     def pruner_for(target: float | None, target_ms: float | None) -> HalpPruner:
         return HalpPruner(model, x, lut, target=None if target_ms else target,
                           target_ms=target_ms, steps=cfg.steps, interval=interval,
@@ -248,8 +252,10 @@ def _prune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTabl
     return pruner
 
 
-def _export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: Path,
-                      name: str) -> engine.Engine:
+def export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: Path,
+                     name: str) -> engine.Engine:
+    """``model`` exported to ``out/<name>.onnx`` (checked against torch) and built into the
+    backend's engine."""
     onnx_path = out / f"{name}.onnx"
     to_onnx(model, x, onnx_path)  # checked against torch: a mismatch stops the run here
     return engine.build(onnx_path, backend, out, name=name)

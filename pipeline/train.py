@@ -3,7 +3,9 @@
 The HALP pruner needs no loop of its own: it plugs in through two hooks. ``after_backward`` runs
 once gradients exist and before the optimizer moves the weights (the pruner accumulates Taylor
 saliency and, on schedule, solves the knapsack); ``after_step`` runs after the update (masks are
-re-applied so pruned channels stay zero).
+re-applied so pruned channels stay zero). A pruner that removes channels in place (Torch-Pruning,
+:mod:`pipeline.peers`) returns True from ``after_backward``, and the optimizer takes the new
+parameters.
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, iterations)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
 
+    def rebind(self, model: nn.Module) -> None:
+        """Optimize ``model``'s current parameters (a pruner replaced some in place): the
+        schedule goes on; momentum restarts for the replaced ones."""
+        params = list(model.parameters())
+        live = {id(p) for p in params}
+        self.optimizer.param_groups[0]["params"] = params
+        for p in [p for p in self.optimizer.state if id(p) not in live]:
+            del self.optimizer.state[p]
+
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, enabled=self.amp)
 
@@ -61,7 +72,7 @@ class _Run:
 def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, lr: float = 0.05,
         momentum: float = 0.9, weight_decay: float = 5e-4, device: str | torch.device = "cpu",
         val_loader: Iterable | None = None, checkpoint: str | Path | None = None,
-        resume: bool = False, after_backward: Callable[[], Any] | None = None,
+        resume: bool = False, after_backward: Callable[[], bool | None] | None = None,
         after_step: Callable[[], Any] | None = None,
         state: Mapping[str, Stateful] | None = None, desc: str = "train",
         log: Callable[[str], Any] = print) -> list[dict]:
@@ -125,7 +136,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
 
 
 def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, epochs: int,
-                 desc: str, after_backward: Callable[[], Any] | None,
+                 desc: str, after_backward: Callable[[], bool | None] | None,
                  after_step: Callable[[], Any] | None) -> tuple[float, int]:
     """One pass; returns (mean finite loss per sample, batches skipped for a non-finite loss)."""
     model.train()
@@ -145,8 +156,8 @@ def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, e
             continue
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.optimizer)  # hooks see true gradients, also under AMP
-        if after_backward is not None:
-            after_backward()
+        if after_backward is not None and after_backward():
+            run.rebind(model)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         if after_step is not None:
