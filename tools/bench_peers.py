@@ -6,6 +6,9 @@ and are fine-tuned on the same schedule (``--epochs``, ``--steps`` spread over t
 the iterations, the same learning rate and data order):
 
 - ``halp``: this project's pruner with the table, as `halp prune` runs it;
+- ``halp-arch``: HALP's final architecture (the channels it kept) cut from the baseline at once
+  and fine-tuned for the whole schedule, as ``uniform`` is: it tells HALP's choice of
+  architecture apart from its schedule (pruning takes the first 60% of the fine-tuning);
 - ``tp-latency``: Torch-Pruning's ``BasePruner`` with group Taylor importance, global pruning,
   ``round_to`` = the table's step, its ratio searched so that its measured latency matches
   HALP's within ``--tolerance`` (bisection on the table's prediction of a one-shot pruning,
@@ -14,7 +17,8 @@ the iterations, the same learning rate and data order):
 - ``uniform``: every prunable group at one width factor (L1-norm channel choice), matched to
   HALP's measured latency like ``tp-latency``.
 
-Every network is exported and built as `halp engine` builds it and measured with the backend's
+Every network but HALP's own is fine-tuned from the baseline by the same loop and seed. Every
+network is exported and built as `halp engine` builds it and measured with the backend's
 protocol, the four and the dense one in interleaved rounds. Each finished (target, seed) is
 appended to ``OUT/results.jsonl``: an interrupted run resumes at the next one. The table
 (mean and spread over seeds) and ``OUT/peers.png`` (top-1 vs measured latency) are made from
@@ -67,10 +71,11 @@ from pipeline.prune import (
     prune_interval,
     train_baseline,
 )
+from pipeline.slim import slim
 from pipeline.structure import analyze, trace
 from pipeline.train import evaluate, fit
 
-METHODS = ("halp", "tp-latency", "tp-macs", "uniform")
+METHODS = ("halp", "halp-arch", "tp-latency", "tp-macs", "uniform")
 FIELDS = ("target", "seed", "method", "measured_ms", "match", "predicted_ms", "macs", "params",
           "top1", "knob", "tries")
 #: batches whose gradients rank channels for the one-shot pruning the ratio search uses
@@ -155,6 +160,7 @@ def matched(bench: Bench, name: str, goal: float, search: Callable[[float], floa
 def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
               ) -> list[dict[str, Any]]:
     """The four methods at one target and seed, measured with the dense network."""
+    started = time.perf_counter()
     cfg = replace(bench.cfg, target=target, seed=seed)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=seed,
                      split_seed=bench.cfg.seed)
@@ -168,7 +174,11 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
                            prune_interval(cfg, len(data.train)), bench.out, log=lambda _: None)
     halp = pruner.finalize().eval()
     halp_engine = bench.built(halp, f"{tag}-halp")
-    models: dict[str, tuple[nn.Module, float, int]] = {"halp": (halp, target, 1)}
+    cut = {g: k for g, k in pruner.keep.items() if len(k) < spec.group(g).channels}
+    models: dict[str, tuple[nn.Module, float, int]] = {
+        "halp": (halp, target, 1),
+        "halp-arch": (bench.finetune(slim(bench.baseline, x, cut, spec=spec), data, seed,
+                                     "halp-arch"), target, 1)}
 
     def relative_ms(model: nn.Module) -> float:
         cand = bench.built(model, f"{tag}-candidate")
@@ -213,7 +223,8 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     for (name, (model, knob, tries)), ms in zip(models.items(), measured, strict=True):
         rows.append({"target": target, "seed": seed, "measured_ms": ms,
                      "match": ms / measured[0], "dense_ms": dense_ms,
-                     **result(bench, model, data, name, knob, tries)})
+                     **result(bench, model, data, name, knob, tries),
+                     "group_seconds": time.perf_counter() - started})
         log(f"  {name:10s} measured {ms:.3f} ms ({rows[-1]['match']:.3f} of HALP's), "
             f"top-1 {rows[-1]['top1']:.2f}%")
     return rows
@@ -328,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
              "predicted_ms": lut.predict(analyze(baseline, x)), "macs": macs(baseline, x),
              "params": sum(q.numel() for q in baseline.parameters()),
              "top1": evaluate(baseline, data.val),
-             "title": f"{cfg.model} on digits @ {args.input}, {backend.describe().device}, "
-                      f"{args.threads} thread(s), {args.epochs} fine-tuning epochs"}
+             "title": f"{cfg.model} on digits @ {args.input}, {args.epochs} fine-tuning epochs\n"
+                      f"ONNX Runtime, {backend.describe().device}, {args.threads} thread(s)"}
     summaries = summary(rows)
     print(table(summaries, dense))
     report = {"settings": {**vars(args), "out": str(args.out)}, "dense": dense,
