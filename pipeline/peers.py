@@ -34,10 +34,11 @@ from .verify import weight_saliency
 
 def dense_layers(model: nn.Module, spec: NetworkSpec) -> list[nn.Module]:
     """The modules producing channels that HALP leaves dense (the stem's group, the
-    classifier's output): Torch-Pruning is told to leave them alone too, so every method
-    prunes the same channels."""
+    classifier's output, groups the latency model cannot size): Torch-Pruning is told to leave
+    them alone too, so every method prunes the same channels."""
     modules = dict(model.named_modules())
-    return [modules[name] for g in spec.groups if not g.prunable for name in g.producers]
+    pruned = set(spec.sizable_groups())
+    return [modules[name] for g in spec.groups if g.id not in pruned for name in g.producers]
 
 
 class TorchPruningSchedule:

@@ -130,23 +130,22 @@ def matched(bench: Bench, name: str, goal: float, search: Callable[[float], floa
     """Train tries until ``size`` (the quantity to match, relative to HALP's) is within the
     tolerance or the tries run out; the closest try wins. Returns (model, knob, tries).
 
-    The first knob is searched for ``goal`` in the units ``search`` predicts (the table's
-    latency, or MACs); the second for the goal corrected by the first try's miss; later ones
-    interpolate the knob between the two closest tries in log size (bracketing 1 where tries
-    fall on both sides), since the fine-tuned size is not exactly the predicted one.
+    A knob is searched for ``goal`` in the units ``search`` predicts (the table's latency, or
+    MACs), the goal corrected after each try by that try's miss, since the fine-tuned size is
+    not exactly the predicted one. Once tries fall on both sides of HALP's, the next knob is
+    interpolated between the closest two of them in log size instead.
     """
     tries: list[tuple[float, float, nn.Module]] = []  # (log size, knob, model)
     for attempt in range(1, bench.tries + 1):
-        if attempt == 1:
-            knob = search(goal)
-        elif attempt == 2:
-            knob = search(goal / math.exp(tries[0][0]))
+        below = [t for t in tries if t[0] < 0]
+        above = [t for t in tries if t[0] > 0]
+        if below and above:
+            a, b = max(below, key=lambda t: t[0]), min(above, key=lambda t: t[0])
+            knob = a[1] + (b[1] - a[1]) * a[0] / (a[0] - b[0])
         else:
-            below = [t for t in tries if t[0] < 0]
-            above = [t for t in tries if t[0] > 0]
-            a, b = ((max(below, key=lambda t: t[0]), min(above, key=lambda t: t[0]))
-                    if below and above else sorted(tries, key=lambda t: abs(t[0]))[:2])
-            knob = b[1] if a[0] == b[0] else a[1] + (b[1] - a[1]) * a[0] / (a[0] - b[0])
+            if tries:
+                goal /= math.exp(tries[-1][0])
+            knob = search(goal)
         model = train(knob)
         ratio = size(model)
         log(f"  {name} try {attempt}: knob {knob:.4f}: {ratio:.3f} of HALP")
