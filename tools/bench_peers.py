@@ -24,7 +24,7 @@ appended to ``OUT/results.jsonl``: an interrupted run resumes at the next one. T
 (mean and spread over seeds) and ``OUT/peers.png`` (top-1 vs measured latency) are made from
 that file.
 
-    .venv/bin/python tools/bench_peers.py                       # 4 targets x 3 seeds
+    .venv/bin/python tools/bench_peers.py                       # 6 targets x 3 seeds
     .venv/bin/python tools/bench_peers.py --quick --out /tmp/q  # 1 target, 1 seed (CI test)
 """
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("engines/peers"))
     p.add_argument("--model", default="resnet18")
     p.add_argument("--input", default="1x3x32x32")
-    p.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.45, 0.3, 0.2])
+    p.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.45, 0.3, 0.2, 0.15, 0.12])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--backend", default="onnxruntime",
                    help="a deploying backend (onnxruntime, or tensorrt where it is installed)")
