@@ -1,8 +1,8 @@
 """Benchmark: HALP against what a user would pick instead, at equal measured latency (issue 12).
 
 One baseline is trained and one latency table built (both cached in ``--out``). Then for each
-target (a fraction of the dense predicted latency) and seed, four methods prune that baseline
-and are fine-tuned on the same schedule (``--epochs``, ``--steps`` spread over the first 60% of
+target (a fraction of the dense predicted latency) and seed, five networks are cut from that
+baseline and fine-tuned on the same schedule (``--epochs``, ``--steps`` spread over the first 60% of
 the iterations, the same learning rate and data order):
 
 - ``halp``: this project's pruner with the table, as `halp prune` runs it;
@@ -19,12 +19,12 @@ the iterations, the same learning rate and data order):
 
 Every network but HALP's own is fine-tuned from the baseline by the same loop and seed. Every
 network is exported and built as `halp engine` builds it and measured with the backend's
-protocol, the four and the dense one in interleaved rounds. Each finished (target, seed) is
+protocol, the five and the dense one in interleaved rounds. Each finished (target, seed) is
 appended to ``OUT/results.jsonl``: an interrupted run resumes at the next one. The table
 (mean and spread over seeds) and ``OUT/peers.png`` (top-1 vs measured latency) are made from
 that file.
 
-    .venv/bin/python tools/bench_peers.py                       # 6 targets x 3 seeds
+    .venv/bin/python tools/bench_peers.py                       # 6 targets x 3 seeds, ~35 min
     .venv/bin/python tools/bench_peers.py --quick --out /tmp/q  # 1 target, 1 seed (CI test)
 """
 
@@ -76,8 +76,6 @@ from pipeline.structure import analyze, trace
 from pipeline.train import evaluate, fit
 
 METHODS = ("halp", "halp-arch", "tp-latency", "tp-macs", "uniform")
-FIELDS = ("target", "seed", "method", "measured_ms", "match", "predicted_ms", "macs", "params",
-          "top1", "knob", "tries")
 #: batches whose gradients rank channels for the one-shot pruning the ratio search uses
 SEARCH_BATCHES = 4
 
@@ -118,6 +116,7 @@ class Bench:
 
 def result(bench: Bench, model: nn.Module, data: Any, method: str, knob: float,
            tries: int) -> dict[str, Any]:
+    """One network's report fields but its measurement (taken with the others')."""
     return {"method": method, "predicted_ms": predicted_ms(bench.lut, model, bench.x),
             "macs": macs(model, bench.x), "params": sum(p.numel() for p in model.parameters()),
             "top1": evaluate(model, data.val, bench.cfg.train_device), "knob": knob,
@@ -158,7 +157,7 @@ def matched(bench: Bench, name: str, goal: float, search: Callable[[float], floa
 
 def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
               ) -> list[dict[str, Any]]:
-    """The four methods at one target and seed, measured with the dense network."""
+    """The five networks at one target and seed, measured with the dense one."""
     started = time.perf_counter()
     cfg = replace(bench.cfg, target=target, seed=seed)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=seed,
@@ -209,7 +208,8 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     models["uniform"] = matched(
         bench, "uniform", halp_pred,
         lambda goal: 1.0 - solve_decreasing(
-            lambda cut: planner.predict(uniform_counts(planner, 1.0 - cut)), goal, 0.0, 1.0),
+            lambda removed: planner.predict(uniform_counts(planner, 1.0 - removed)), goal,
+            0.0, 1.0),
         lambda f: bench.finetune(uniform_model(bench.baseline, x, planner, f), data, seed,
                                  "uniform"),
         relative_ms, log)
