@@ -55,7 +55,8 @@ class Calibration:
 
 def fit(*points: tuple[float, float]) -> Calibration:
     """From (Σ LUT entries, measured ms) of the reference networks, dense first: the
-    least-squares line through them, kept within :data:`SCALE_RANGE` and a constant >= 0.
+    least-squares line through them, kept within :data:`SCALE_RANGE` and a constant of at
+    least -:data:`CONSTANT_FLOOR` x the dense network.
 
     When the free fit leaves those bounds, the best line inside them is used and the
     calibration carries warnings that say how far off the table is; they are also logged.
@@ -99,17 +100,23 @@ def _line(xs: np.ndarray, ys: np.ndarray) -> tuple[float, float]:
 def _bounded(xs: np.ndarray, ys: np.ndarray, free: tuple[float, float],
              floor: float) -> tuple[float, float]:
     """``free`` when its scale is in :data:`SCALE_RANGE` and its constant above ``floor``;
-    else the line of least squared relative errors with scale in range and constant >= 0."""
+    else the line of least squared relative errors inside those same bounds. The objective is
+    convex, so outside ``free`` the best line lies on the region's edge: the best constant at
+    either end of the scale range, or the best scale with the constant at ``floor``.
+
+    (Until 2026-11-30 the constant was held at zero here. At 1x3x32x32 that dropped a fit
+    needing -0.032 ms to a scale through zero of 0.88, set by the quarter-width network, and the
+    mid-size networks the knapsack picks came out 8-11% fast: docs/BENCHMARKS.md.)"""
     lo, hi = SCALE_RANGE
     if lo <= free[0] <= hi and free[1] >= floor:
         return free
     w = 1.0 / ys ** 2
 
     def constant(s: float) -> float:
-        return max(0.0, float(w @ (ys - s * xs) / w.sum()))
+        return max(floor, float(w @ (ys - s * xs) / w.sum()))
 
-    through_zero = float(np.clip((w @ (xs * ys)) / (w @ xs ** 2), lo, hi))
-    candidates = [(s, constant(s)) for s in (lo, hi, through_zero)]
+    at_floor = float(np.clip((w @ (xs * (ys - floor))) / (w @ xs ** 2), lo, hi))
+    candidates = [(lo, constant(lo)), (hi, constant(hi)), (at_floor, floor)]
     return min(candidates, key=lambda sc: float(w @ (sc[0] * xs + sc[1] - ys) ** 2))
 
 
