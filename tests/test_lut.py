@@ -23,6 +23,7 @@ from pipeline.lut import (
     plan,
 )
 from pipeline.lut.cold import cold_points
+from pipeline.lut.grid import _axis
 from pipeline.lut.working_sets import WorkingSets
 from pipeline.spec import LayerSpec, NetworkSpec
 from pipeline.structure import analyze
@@ -195,6 +196,15 @@ class Branches(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fuse(torch.cat([self.a(x), self.b(x)], 1))
         return self.fc(torch.flatten(self.pool(self.dw(y)), 1))
+
+
+def test_a_thinned_axis_holds_the_reference_networks_widths() -> None:
+    """The calibration's half- and quarter-width networks are priced from measured points:
+    thinning moves its nearest interior points onto their widths, keeping its size and ends."""
+    axis = _axis(512, 0, 16, 8)
+    assert len(axis) == 8 and axis[0] == 16 and axis[-1] == 512
+    assert {128, 256} <= set(axis) and axis == sorted(axis)
+    assert _axis(64, 0, 16, 8) == [16, 32, 48, 64]  # not thinned: every width is there
 
 
 def test_grid_over_concat_flatten_and_depthwise(tmp_path) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..calibration import REFERENCES
 from ..kinds import OpKind
 from ..spec import SPEC_FORMAT, LayerSpec, NetworkSpec
 
@@ -57,13 +58,27 @@ def _axis(full: int, fixed: int, step: int, max_points: int | None) -> list[int]
 
     ``fixed`` is the part of a concatenated input no prunable group owns; for a plain layer it
     is 0 and the grid is the multiples of ``step``. ``max_points`` thins the axis evenly,
-    keeping the smallest and the full count.
+    keeping the smallest and the full count, and moves the nearest interior points onto the
+    widths of the calibration's reference networks (:data:`~pipeline.calibration.REFERENCES`),
+    so that the check prices them from measured points rather than interpolated ones:
+    between grid points interpolation runs dearer than measurement (a resnet18 at 224x224
+    quarter-width network at 1.13x its measured latency, 0.96x with its widths on the grid;
+    docs/BENCHMARKS.md).
     """
     values = [*range(fixed + step, full, step), full]
-    if max_points is not None and len(values) > max_points:
-        keep = np.unique(np.round(np.linspace(0, len(values) - 1, max_points)).astype(int))
-        values = [values[i] for i in keep]
-    return values
+    if max_points is None or len(values) <= max_points:
+        return values
+    keep = np.unique(np.round(np.linspace(0, len(values) - 1, max_points)).astype(int))
+    values = [values[i] for i in keep]
+    movable = set(range(1, len(values) - 1))
+    for fraction in REFERENCES.values():
+        want = fixed + min(full - fixed, max(step, round((full - fixed) * fraction / step) * step))
+        if want in values or not movable:
+            continue
+        nearest = min(movable, key=lambda i: abs(values[i] - want))
+        values[nearest] = want
+        movable.discard(nearest)
+    return sorted(values)
 
 
 def layer_points(layer: LayerSpec, step: int, max_points: int | None = None) -> set[Point]:
