@@ -125,9 +125,10 @@ def result(bench: Bench, model: nn.Module, data: Any, method: str, knob: float,
 
 def matched(bench: Bench, name: str, goal: float, search: Callable[[float], float],
             train: Callable[[float], nn.Module], size: Callable[[nn.Module], float],
-            log: Callable[[str], Any]) -> tuple[nn.Module, float, int]:
+            log: Callable[[str], Any]) -> tuple[nn.Module, float, int, float]:
     """Train tries until ``size`` (the quantity to match, relative to HALP's) is within the
-    tolerance or the tries run out; the closest try wins. Returns (model, knob, tries).
+    tolerance or the tries run out; the closest try wins. Returns (model, knob, tries, its
+    size): the size as that try measured it, beside HALP's alone.
 
     A knob is searched for ``goal`` in the units ``search`` predicts (the table's latency, or
     MACs), the goal corrected after each try by that try's miss, since the fine-tuned size is
@@ -152,7 +153,7 @@ def matched(bench: Bench, name: str, goal: float, search: Callable[[float], floa
         if abs(ratio - 1) <= bench.tolerance:
             break
     best = min(tries, key=lambda t: abs(t[0]))
-    return best[2], best[1], len(tries)
+    return best[2], best[1], len(tries), math.exp(best[0])
 
 
 def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
@@ -173,10 +174,10 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     halp = pruner.finalize().eval()
     halp_engine = bench.built(halp, f"{tag}-halp")
     cut = {g: k for g, k in pruner.keep.items() if len(k) < spec.group(g).channels}
-    models: dict[str, tuple[nn.Module, float, int]] = {
-        "halp": (halp, target, 1),
+    models: dict[str, tuple[nn.Module, float, int, float]] = {
+        "halp": (halp, target, 1, 1.0),
         "halp-arch": (bench.finetune(slim(bench.baseline, x, cut, spec=spec), data, seed,
-                                     "halp-arch"), target, 1)}
+                                     "halp-arch"), target, 1, 1.0)}
 
     def relative_ms(model: nn.Module) -> float:
         cand = bench.built(model, f"{tag}-candidate")
@@ -216,12 +217,12 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
 
     engines = [bench.built(bench.baseline, "dense")] + [
         halp_engine if name == "halp" else bench.built(m, f"{tag}-{name}")
-        for name, (m, _, _) in models.items()]
+        for name, (m, *_) in models.items()]
     dense_ms, *measured = bench.measure(*engines)
     rows = []
-    for (name, (model, knob, tries)), ms in zip(models.items(), measured, strict=True):
+    for (name, (model, knob, tries, found)), ms in zip(models.items(), measured, strict=True):
         rows.append({"target": target, "seed": seed, "measured_ms": ms,
-                     "match": ms / measured[0], "dense_ms": dense_ms,
+                     "match": ms / measured[0], "search_match": found, "dense_ms": dense_ms,
                      **result(bench, model, data, name, knob, tries),
                      "group_seconds": time.perf_counter() - started})
         log(f"  {name:10s} measured {ms:.3f} ms ({rows[-1]['match']:.3f} of HALP's), "
