@@ -120,11 +120,14 @@ def _bounded(xs: np.ndarray, ys: np.ndarray, free: tuple[float, float],
     return min(candidates, key=lambda sc: float(w @ (sc[0] * xs + sc[1] - ys) ** 2))
 
 
+def scaled_width(channels: int, fraction: float, step: int) -> int:
+    """About ``fraction`` of ``channels`` in multiples of ``step`` (at least one, at most all):
+    a reference network's width, which the table's grid also holds (:mod:`pipeline.lut.grid`)."""
+    return min(channels, max(step, round(channels * fraction / step) * step))
+
+
 def scaled_counts(spec: NetworkSpec, fraction: float, step: int = 8) -> dict[int, int]:
     """Every group the latency model can size at about ``fraction`` of its width, in multiples
     of ``step``."""
-    counts = {}
-    for gid in spec.sizable_groups():
-        channels = spec.group(gid).channels
-        counts[gid] = min(channels, max(step, round(channels * fraction / step) * step))
-    return counts
+    return {gid: scaled_width(spec.group(gid).channels, fraction, step)
+            for gid in spec.sizable_groups()}

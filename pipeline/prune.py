@@ -180,7 +180,7 @@ def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
 
 
 def train_baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
-              log: Callable[[str], Any]) -> None:
+                   log: Callable[[str], Any]) -> None:
     """Load the user's trained weights into ``model``, or train it here (resumable, reused when
     cached)."""
     if cfg.checkpoint:
@@ -192,7 +192,7 @@ def train_baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
 
 
 def latency_table(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
-         x: torch.Tensor, log: Callable[[str], Any]) -> LatencyTable:
+                  x: torch.Tensor, log: Callable[[str], Any]) -> LatencyTable:
     """The table ``--lut auto`` builds, or reuses from the cache when built the same way."""
     desc = backend.describe()
     shape = "x".join(map(str, cfg.input_shape))

@@ -37,7 +37,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from pipeline.prune import (
     train_baseline,
 )
 from pipeline.slim import slim
+from pipeline.spec import NetworkSpec
 from pipeline.structure import analyze, trace
 from pipeline.train import evaluate, fit
 
@@ -92,9 +93,11 @@ class Bench:
     backend: Any
     x: torch.Tensor
     out: Path
+    #: HALP's view of the baseline (its stem left dense), traced once
+    spec: NetworkSpec = field(init=False)
 
-    def spec(self) -> Any:
-        return trace(self.baseline, self.x, ignore_stem=True).spec
+    def __post_init__(self) -> None:
+        self.spec = trace(self.baseline, self.x, ignore_stem=True).spec
 
     def built(self, model: nn.Module, name: str) -> engine.Engine:
         return export_and_build(model.eval(), self.x, self.backend, self.out, name)
@@ -117,8 +120,9 @@ class Bench:
 def result(bench: Bench, model: nn.Module, data: Any, method: str, knob: float,
            tries: int) -> dict[str, Any]:
     """One network's report fields but its measurement (taken with the others')."""
-    return {"method": method, "predicted_ms": predicted_ms(bench.lut, model, bench.x),
-            "macs": macs(model, bench.x), "params": sum(p.numel() for p in model.parameters()),
+    spec = analyze(model, bench.x)
+    return {"method": method, "predicted_ms": bench.lut.predict(spec), "macs": spec.total_macs,
+            "params": sum(p.numel() for p in model.parameters()),
             "top1": evaluate(model, data.val, bench.cfg.train_device), "knob": knob,
             "tries": tries}
 
@@ -163,14 +167,15 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     cfg = replace(bench.cfg, target=target, seed=seed)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=seed,
                      split_seed=bench.cfg.seed)
-    spec, x, step = bench.spec(), bench.x, int(bench.lut.meta["step"])
+    spec, x, step = bench.spec, bench.x, int(bench.lut.meta["step"])
+    interval = prune_interval(cfg, len(data.train))
     batches = list(islice(iter(data.train), SEARCH_BATCHES))
     tag = f"t{target:g}-s{seed}"
 
     torch.manual_seed(seed)
     halp_model = copy.deepcopy(bench.baseline)
-    pruner = halp_finetune(cfg, halp_model, x, bench.lut, data,
-                           prune_interval(cfg, len(data.train)), bench.out, log=lambda _: None)
+    pruner = halp_finetune(cfg, halp_model, x, bench.lut, data, interval, bench.out,
+                           log=lambda _: None)
     halp = pruner.finalize().eval()
     halp_engine = bench.built(halp, f"{tag}-halp")
     cut = {g: k for g, k in pruner.keep.items() if len(k) < spec.group(g).channels}
@@ -187,8 +192,7 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     def tp(ratio: float) -> nn.Module:
         model = copy.deepcopy(bench.baseline)
         schedule = TorchPruningSchedule(model, x, spec, ratio, steps=cfg.steps,
-                                        interval=prune_interval(cfg, len(data.train)),
-                                        round_to=step)
+                                        interval=interval, round_to=step)
         return bench.finetune(model, data, seed, "tp", schedule.step)
 
     def oneshot(ratio: float) -> nn.Module:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..calibration import REFERENCES
+from ..calibration import REFERENCES, scaled_width
 from ..kinds import OpKind
 from ..spec import SPEC_FORMAT, LayerSpec, NetworkSpec
 
@@ -72,7 +72,7 @@ def _axis(full: int, fixed: int, step: int, max_points: int | None) -> list[int]
     values = [values[i] for i in keep]
     movable = set(range(1, len(values) - 1))
     for fraction in REFERENCES.values():
-        want = fixed + min(full - fixed, max(step, round((full - fixed) * fraction / step) * step))
+        want = fixed + scaled_width(full - fixed, fraction, step)
         if want in values or not movable:
             continue
         nearest = min(movable, key=lambda i: abs(values[i] - want))
