@@ -19,11 +19,11 @@ demo: $(STAMP)
 	$(BIN)/halp demo
 
 test: $(STAMP)
-	$(BIN)/ruff check pipeline tests tools
+	$(BIN)/ruff check pipeline tests tools examples
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests tools
+	$(BIN)/ruff check pipeline tests tools examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -30,6 +30,7 @@ BACKENDS = tuple(backends.BACKENDS)
 DEPLOY_BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = tuple(p.value for p in kinds.Precision)
 SOLVERS = tuple(s.value for s in kinds.Solver)
+TASKS = ("classification", "detection")
 
 
 def check_removal(solver: str, block_removal: bool) -> None:
@@ -136,14 +137,20 @@ def model_spec(value: Any) -> None:
 
 
 def dataset(value: Any) -> None:
-    """An ImageFolder root needs train/ and val/ (the spec's form is checked on loading)."""
+    """An ImageFolder root needs train/ and val/, a COCO root its annotations (the spec's form
+    is checked on loading)."""
     kind, _, root = str(value).partition(":")
-    if kind != "imagefolder" or not root:
-        return
-    for part in ("train", "val"):
-        if not (Path(root).expanduser() / part).is_dir():
-            raise ConfigError(f"{value!r}: dataset folder {root} has no '{part}' sub-folder; "
-                              f"expected {root}/{part}/<class>/<image files>")
+    folder = Path(root).expanduser()
+    if kind == "imagefolder" and root:
+        for part in ("train", "val"):
+            if not (folder / part).is_dir():
+                raise ConfigError(f"{value!r}: dataset folder {root} has no '{part}' "
+                                  f"sub-folder; expected {root}/{part}/<class>/<image files>")
+    if kind == "coco" and root and not any(
+            (folder / sub / "annotations.json").is_file() for sub in ("", "train")):
+        raise ConfigError(f"{value!r}: no {root}/annotations.json (or {root}/train/ and "
+                          f"{root}/val/annotations.json); give a folder of COCO annotations "
+                          "and images")
 
 
 def choice(*options: str) -> Check:
@@ -180,10 +187,14 @@ class PruneConfig:
 
     model: str = option(doc="torchvision name, module:callable or saved nn.Module",
                         check=model_spec)
-    data: str = option(doc="digits | imagefolder:PATH (train/ and val/)", check=dataset)
+    data: str = option(doc="classification: digits | imagefolder:PATH (train/ and val/); "
+                       "detection: scenes | scenes:N | coco:PATH", check=dataset)
     input_shape: tuple[int, ...] = option(doc="input shape, e.g. 1x3x224x224", parse=parse_shape,
                                           check=image_shape, flag="input")
     out: Path = option(doc="output folder (e.g. engines/<name>)", parse=Path, check=folder_path)
+    task: str = option("classification", "what the model does: classification, or detection "
+                       "(a torchvision one-stage detector: HALP prunes backbone and heads, "
+                       "trains with the detector's losses, scores mAP)", choices=TASKS)
     lut: str = option("auto", "latency table, or auto: build for --backend and cache under "
                       "--lut-cache", check=table_or_auto)
     checkpoint: str | None = option(None, "trained weights (state_dict); without it a baseline "

@@ -43,7 +43,7 @@ def load_data(spec: str, input_shape: Sequence[int], *, batch_size: int = 64, se
     ``seed`` orders and augments the training batches; ``split_seed`` (default: ``seed``)
     draws the digits' train/val split, held fixed where runs with several seeds must share
     one validation set (a baseline trained on one split must not see another's val images)."""
-    channels, height, width = _check_shape(input_shape)
+    channels, height, width = check_shape(input_shape)
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
     if spec == "digits":
@@ -51,6 +51,9 @@ def load_data(spec: str, input_shape: Sequence[int], *, batch_size: int = 64, se
                                           seed if split_seed is None else split_seed)
     elif spec.startswith(IMAGEFOLDER):
         train, val, num_classes = _imagefolder(spec[len(IMAGEFOLDER):], channels, height, width)
+    elif spec.split(":")[0] in ("scenes", "coco"):
+        raise DataError(f"{spec!r} is detection data: prune a detector with --task detection, "
+                        f"or give a classification dataset: {SPEC_FORMS}")
     else:
         raise DataError(f"unknown dataset {spec!r}: use {SPEC_FORMS}")
     return DataBundle(
@@ -61,7 +64,7 @@ def load_data(spec: str, input_shape: Sequence[int], *, batch_size: int = 64, se
     )
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 4 or any(int(d) < 1 for d in shape):
         raise DataError(f"input shape {tuple(shape)} is not N x C x H x W with positive sizes; "
                         "give an image shape such as 1x3x32x32")

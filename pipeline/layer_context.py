@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .context_ops import Op
+from .spec import call_name
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,14 @@ def find(model: nn.Module, example_input: torch.Tensor,
                  "elementwise ops are left to the calibration constant",
                  type(model).__name__, exc)
         return {name: ([], []) for name in layers}
-    nodes = {n.target: n for n in graph.graph.nodes
-             if n.op == "call_module" and n.target in layers}
+    calls: Counter[str] = Counter()
+    nodes = {}
+    for n in graph.graph.nodes:  # in execution order: a shared module's k-th call is layer #k
+        if n.op == "call_module":
+            name = call_name(n.target, calls[n.target])
+            calls[n.target] += 1
+            if name in layers:
+                nodes[name] = n
     order = {n: i for i, n in enumerate(graph.graph.nodes)}
     chains = {name: _after(graph, node, layers[name]) for name, node in nodes.items()}
     _resolve_shared(chains, {name: order[node] for name, node in nodes.items()})

@@ -18,7 +18,7 @@ from torch import nn
 from .config import parse_shape
 from .errors import ModelLoadError
 
-__all__ = ["load_checkpoint", "load_model", "parse_shape", "torchvision_names"]
+__all__ = ["load_checkpoint", "load_detector", "load_model", "parse_shape", "torchvision_names"]
 
 
 def torchvision_names() -> list[str]:
@@ -26,7 +26,23 @@ def torchvision_names() -> list[str]:
 
 
 def load_model(spec: str, *, num_classes: int | None = None) -> nn.Module:
-    """Build or load the model named by ``spec`` (randomly initialised for torchvision names)."""
+    """The network HALP prunes for ``spec`` (randomly initialised for torchvision names): the
+    model itself, or a detector's deployable core (:mod:`pipeline.detection.core`)."""
+    from .detection.core import deployable
+
+    return deployable(_network(spec, num_classes))
+
+
+def load_detector(spec: str, *, num_classes: int) -> nn.Module:
+    """The whole detector named by ``spec``, losses and post-processing included, to train."""
+    from .detection.core import check_one_stage
+
+    model = _network(spec, num_classes)
+    check_one_stage(model)
+    return model
+
+
+def _network(spec: str, num_classes: int | None) -> nn.Module:
     path = Path(spec)
     if path.suffix in {".pt", ".pth"} or path.is_file():
         return _load_saved(path)
@@ -43,6 +59,8 @@ def load_model(spec: str, *, num_classes: int | None = None) -> nn.Module:
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     if spec in {"googlenet", "inception_v3"}:
         kwargs["init_weights"] = True
+    if spec in torchvision.models.list_models(module=torchvision.models.detection):
+        kwargs["weights_backbone"] = None  # nothing is downloaded; train it or load weights
     try:
         return torchvision.models.get_model(spec, weights=None, **kwargs)
     except TypeError as exc:

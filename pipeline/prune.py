@@ -29,17 +29,17 @@ from .backends import Backend, Measurement, engine_builders, get_backend_taking
 from .backends.device import slug
 from .backends.timing import interleaved
 from .config import PruneConfig
-from .data import load_data
+from .data import DataBundle, load_data
 from .errors import HalpError, InfeasibleBudget, LutMismatch
 from .export import to_onnx
 from .fsio import atomic_write_json
 from .lut import LatencyTable, build_lut, journal_path
-from .models import load_checkpoint, load_model
+from .models import load_checkpoint, load_detector, load_model
 from .plotting import save_png, subplots
 from .pruner import HalpPruner
 from .spec import NetworkSpec
 from .structure import analyze
-from .train import evaluate, fit
+from .train import CLASSIFICATION, Task, fit
 
 #: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest
 #: recovers accuracy at the final architecture
@@ -51,8 +51,8 @@ RELAXED_MARGIN = 1.15
 
 #: the stages of :func:`run`, also used by the peer comparison (tools/bench_peers.py) so that
 #: every method gets HALP's baseline, table, schedule and engine path
-__all__ = ["PruneConfig", "export_and_build", "halp_finetune", "latency_table", "prune_interval",
-           "run", "train_baseline"]
+__all__ = ["Job", "PruneConfig", "export_and_build", "halp_finetune", "latency_table",
+           "load_job", "measure_pair", "prune_interval", "run", "train_baseline"]
 
 
 @dataclass
@@ -61,7 +61,53 @@ class Summary:
     macs: int
     predicted_ms: float
     measured_ms: float
-    top1: float
+    scores: dict[str, float]  # the task's: top1, or map50 and map
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        return {**fields, **fields.pop("scores")}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a run trains and what HALP prunes and ships: the same model for a classifier; for
+    a detector the whole detector (its losses, its post-processing for mAP) and its deployable
+    core, which shares the detector's parameters."""
+
+    data: DataBundle
+    task: Task
+    trainable: nn.Module
+    network: nn.Module
+
+    def rejoin(self, network: nn.Module) -> nn.Module:
+        """The trainable model around a (slimmed) copy of the network."""
+        if self.network is self.trainable:
+            return network
+        from .detection.core import with_core
+
+        return with_core(self.trainable, network)
+
+
+def load_job(cfg: PruneConfig, *, split_seed: int | None = None) -> Job:
+    """Data, task and models of ``cfg.task``; bad data or models fail here, before training."""
+    if cfg.task == "detection":
+        from .detection.core import DetectorCore, input_size
+        from .detection.data import load_detection_data
+        from .detection.task import DETECTION
+
+        data = load_detection_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size,
+                                   seed=cfg.seed, split_seed=split_seed)
+        detector = load_detector(cfg.model, num_classes=data.num_classes)
+        size = input_size(detector)
+        if size is not None and tuple(cfg.input_shape[2:]) != size:
+            raise HalpError(f"{cfg.model} resizes its images to {size[0]}x{size[1]}, so its "
+                            f"engine takes that size: give --input "
+                            f"{cfg.input_shape[0]}x{cfg.input_shape[1]}x{size[0]}x{size[1]}")
+        return Job(data, DETECTION, detector, DetectorCore(detector))
+    data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed,
+                     split_seed=split_seed)
+    model = load_model(cfg.model, num_classes=data.num_classes)
+    return Job(data, CLASSIFICATION, model, model)
 
 
 def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
@@ -72,27 +118,28 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     # refuse an unavailable backend, bad data, schedule, model or table before any long work
     backend = _backend(cfg)
-    data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
+    job = load_job(cfg)
+    data, model = job.data, job.network
     interval = prune_interval(cfg, len(data.train))
     x = torch.randn(*cfg.input_shape)
-    model = load_model(cfg.model, num_classes=data.num_classes)
     spec = analyze(model, x, name=cfg.model)  # weights do not change the structure
     given = _given_lut(cfg, backend, spec)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
     log(f"[1/5] baseline {cfg.model} on {data.name}")
-    train_baseline(cfg, model, data, out, log)
-    dense_top1 = evaluate(model, data.val, cfg.train_device)
-    model.to("cpu")
+    train_baseline(cfg, job.trainable, data, out, log, task=job.task)
+    dense_scores = job.task.scores(job.trainable, data.val, torch.device(cfg.train_device))
+    job.trainable.to("cpu")
 
     log(f"[2/5] latency table ({backend.name} {backend.precision})")
     lut = given if given is not None else latency_table(cfg, spec, backend, model, x, log)
 
     log(f"[3/5] HALP pruning to {_target_text(cfg)} while fine-tuning")
-    pruner = halp_finetune(cfg, model, x, lut, data, interval, out, log)
+    pruner = halp_finetune(cfg, model, x, lut, data, interval, out, log, job=job)
     slim_model = pruner.finalize().eval()
-    pruned_top1 = evaluate(slim_model, data.val, cfg.train_device)
+    pruned_scores = job.task.scores(job.rejoin(slim_model), data.val,
+                                    torch.device(cfg.train_device))
     slim_model.to("cpu")
     slim_spec = analyze(slim_model, x, name=cfg.model)
 
@@ -101,16 +148,17 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     dense_engine = export_and_build(model.eval(), x, backend, out, "dense")
     pruned_engine = export_and_build(slim_model, x, backend, out, "pruned")
     log("[5/5] measuring dense and pruned engines")
-    dense_ms, pruned_ms = _measure_pair(dense_engine, pruned_engine, backend)
+    dense_ms, pruned_ms = measure_pair(dense_engine, pruned_engine, backend)
 
-    dense = _summary(model, spec, lut, dense_ms, dense_top1)
-    pruned = _summary(slim_model, slim_spec, lut, pruned_ms, pruned_top1)
+    dense = _summary(model, spec, lut, dense_ms, dense_scores)
+    pruned = _summary(slim_model, slim_spec, lut, pruned_ms, pruned_scores)
     report = {
-        "model": cfg.model, "data": data.name, "input_shape": list(cfg.input_shape),
+        "model": cfg.model, "task": cfg.task, "data": data.name,
+        "input_shape": list(cfg.input_shape),
         "target": cfg.target, "target_ms": pruner.target_ms,
         "backend": backend.name, "precision": backend.precision,
         "device": backend.describe().device, "lut": str(lut.path) if lut.path else None,
-        "dense": asdict(dense), "pruned": asdict(pruned),
+        "dense": dense.to_dict(), "pruned": pruned.to_dict(),
         "speedup_measured": dense.measured_ms / pruned.measured_ms,
         "speedup_predicted": dense.predicted_ms / pruned.predicted_ms,
         "channels": {str(g): c for g, c in pruner.counts.items()},
@@ -142,9 +190,9 @@ def _given_lut(cfg: PruneConfig, backend: Backend, spec: NetworkSpec) -> Latency
 
 
 def _summary(model: nn.Module, spec: NetworkSpec, lut: LatencyTable, measured: Measurement,
-             top1: float) -> Summary:
+             scores: dict[str, float]) -> Summary:
     return Summary(sum(p.numel() for p in model.parameters()), spec.total_macs,
-                   lut.predict(spec), measured.ms, top1)
+                   lut.predict(spec), measured.ms, scores)
 
 
 def _backend(cfg: PruneConfig) -> Backend:
@@ -164,7 +212,8 @@ def _target_text(cfg: PruneConfig) -> str:
 
 #: the settings a checkpoint depends on, in its file name: a run with other settings trains
 #: afresh instead of resuming a checkpoint that belongs to another configuration
-BASELINE_SETTINGS = ("model", "data", "input_shape", "baseline_epochs", "lr", "batch_size", "seed")
+BASELINE_SETTINGS = ("model", "task", "data", "input_shape", "baseline_epochs", "lr",
+                     "batch_size", "seed")
 FINETUNE_SETTINGS = (*BASELINE_SETTINGS, "checkpoint", "target", "target_ms", "epochs", "steps",
                      "solver", "block_removal", "finetune_lr")
 
@@ -180,7 +229,7 @@ def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
 
 
 def train_baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
-                   log: Callable[[str], Any]) -> None:
+                   log: Callable[[str], Any], *, task: Task = CLASSIFICATION) -> None:
     """Load the user's trained weights into ``model``, or train it here (resumable, reused when
     cached)."""
     if cfg.checkpoint:
@@ -188,7 +237,8 @@ def train_baseline(cfg: PruneConfig, model: nn.Module, data: Any, out: Path,
         return
     ckpt = out / f"baseline-{_settings_key(cfg, BASELINE_SETTINGS)}.ckpt"
     fit(model, data.train, epochs=cfg.baseline_epochs, lr=cfg.lr, device=cfg.train_device,
-        val_loader=data.val, checkpoint=ckpt, resume=True, desc="baseline", log=log)
+        val_loader=data.val, checkpoint=ckpt, resume=True, desc="baseline", task=task,
+        log=log)
 
 
 def latency_table(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: nn.Module,
@@ -225,8 +275,10 @@ def prune_interval(cfg: PruneConfig, batches: int) -> int:
 
 
 def halp_finetune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable,
-                  data: Any, interval: int, out: Path, log: Callable[[str], Any]) -> HalpPruner:
-    """Fine-tune ``model`` while HALP prunes it to the target (resumable from ``out``)."""
+                  data: Any, interval: int, out: Path, log: Callable[[str], Any], *,
+                  job: Job | None = None) -> HalpPruner:
+    """Fine-tune ``model`` while HALP prunes it to the target (resumable from ``out``); with
+    a ``job``, its trainable model (around ``model``) is what trains, on its task."""
     def pruner_for(target: float | None, target_ms: float | None) -> HalpPruner:
         return HalpPruner(model, x, lut, target=None if target_ms else target,
                           target_ms=target_ms, steps=cfg.steps, interval=interval,
@@ -244,11 +296,12 @@ def halp_finetune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: Late
     log(f"dense predicted {pruner.dense_ms:.4g} ms → target {pruner.target_ms:.4g} ms; "
         f"{cfg.steps} steps every {interval} iterations")
     ckpt = out / f"finetune-{_settings_key(cfg, FINETUNE_SETTINGS, lut)}.ckpt"
-    fit(model, data.train, epochs=cfg.epochs, lr=cfg.finetune_lr, device=cfg.train_device,
+    trainable = model if job is None else job.trainable
+    fit(trainable, data.train, epochs=cfg.epochs, lr=cfg.finetune_lr, device=cfg.train_device,
         val_loader=data.val, checkpoint=ckpt, resume=True,
         after_backward=pruner.step, after_step=pruner.apply_masks, state={"pruner": pruner},
-        desc="halp", log=log)
-    model.to("cpu")
+        desc="halp", task=CLASSIFICATION if job is None else job.task, log=log)
+    trainable.to("cpu")
     return pruner
 
 
@@ -261,7 +314,7 @@ def export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: P
     return engine.build(onnx_path, backend, out, name=name)
 
 
-def _measure_pair(dense: engine.Engine, pruned: engine.Engine,
+def measure_pair(dense: engine.Engine, pruned: engine.Engine,
                   backend: Backend) -> tuple[Measurement, Measurement]:
     """Alternate dense and pruned rounds so drift (clocks, other load) hits both alike."""
     pair = interleaved([engine.timer(dense, backend), engine.timer(pruned, backend)])

@@ -18,6 +18,18 @@ from .errors import StructureError
 from .kinds import OpKind
 
 SPEC_FORMAT = 1
+#: joins a module's name and the index of a later call to it (see :func:`call_name`)
+CALL = "#"
+
+
+def call_name(module: str, call: int) -> str:
+    """The layer name of a module's ``call``-th run in one forward pass.
+
+    A module run several times per pass (a detector head shared across feature levels) is one
+    layer per call, each priced at its own input size, all of them pruned together as the
+    module's channels are: ``head.conv``, ``head.conv#1``, ``head.conv#2``...
+    """
+    return module if call == 0 else f"{module}{CALL}{call}"
 
 
 @dataclass

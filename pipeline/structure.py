@@ -20,19 +20,19 @@ from . import layer_context
 from .blocks import residual_blocks
 from .dependency import channel_groups, is_layer, layer_spec
 from .errors import StructureError, UnsupportedLayer
-from .spec import LayerSpec, NetworkSpec
+from .spec import LayerSpec, NetworkSpec, call_name
 
 
 class _ForwardRecorder:
-    """Forward hooks that record each layer's input/output shape and the innermost running module.
+    """Forward hooks that record each layer's input/output shapes, once per call, and the
+    innermost running module.
 
     The running-module stack lets a tracing failure name the layer it happened in.
     """
 
     def __init__(self, model: nn.Module):
         self.names = {m: n for n, m in model.named_modules()}
-        self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        self.calls: dict[str, int] = {}
+        self.shapes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self.stack: list[str] = []
         self.recording = True  # shapes are taken from our own forward pass only
         self._handles = []
@@ -46,9 +46,7 @@ class _ForwardRecorder:
     def _post(self, m: nn.Module, args: Any, out: Any) -> None:
         name = self.stack.pop() if self.stack else self.names.get(m, "")
         if self.recording and is_layer(m) and isinstance(out, torch.Tensor) and args:
-            x = args[0]
-            self.calls[name] = self.calls.get(name, 0) + 1
-            self.shapes.setdefault(name, (tuple(x.shape), tuple(out.shape)))
+            self.shapes.setdefault(name, []).append((tuple(args[0].shape), tuple(out.shape)))
 
     def where(self, exc: BaseException) -> str:
         """Name the layer (during forward) or graph op (during dependency analysis) that failed."""
@@ -124,21 +122,15 @@ def trace(
     modules = dict(model.named_modules())
     ignored = _ignored(ignore, modules)
     recorder, dg, tp_groups = _record(model, example_input, name or type(model).__name__)
-    shared = sorted(n for n, c in recorder.calls.items() if c > 1)
-    if shared:
-        raise UnsupportedLayer(
-            f"layers {shared} run more than once per forward pass (shared weights); "
-            "HALP's per-layer latency model needs one call per layer: give each call its own "
-            "module"
-        )
     stem = next(iter(recorder.shapes), None)  # conv/linear layers finish in the order they start
     if ignore_stem and stem is not None:
         ignored.add(stem)
     groups, out_group, in_parts = channel_groups(tp_groups, dg, modules, ignored)
     batch = int(example_input.shape[0])
-    layers = [layer_spec(lname, mod, recorder.shapes[lname], dg, batch, out_group.get(lname),
+    layers = [layer_spec(call_name(lname, k), mod, shapes, dg, batch, out_group.get(lname),
                          in_parts.get(lname, []), groups)
-              for lname, mod in modules.items() if lname in recorder.shapes]
+              for lname, mod in modules.items() if lname in recorder.shapes
+              for k, shapes in enumerate(recorder.shapes[lname])]
     _attach_context(model, example_input, layers)
     spec = NetworkSpec(
         input_shape=tuple(example_input.shape),

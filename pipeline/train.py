@@ -6,6 +6,10 @@ saliency and, on schedule, solves the knapsack); ``after_step`` runs after the u
 re-applied so pruned channels stay zero). A pruner that removes channels in place (Torch-Pruning,
 :mod:`pipeline.peers`) returns True from ``after_backward``, and the optimizer takes the new
 parameters.
+
+What is trained is a :class:`Task`: its loss on a batch and its validation metrics. Classification
+(cross-entropy, top-1) is the default; a detector brings its own losses
+(:mod:`pipeline.detection.task`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,38 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> Any: ...
+
+
+class Task(Protocol):
+    """What the loop needs to know of a task. ``metric`` names the headline entry of
+    :meth:`scores` (logged per epoch); ``loss`` returns the batch's loss and its sample count."""
+
+    metric: str
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device
+             ) -> tuple[torch.Tensor, int]: ...
+
+    def scores(self, model: nn.Module, loader: Iterable, device: torch.device
+               ) -> dict[str, float]: ...
+
+
+class Classification:
+    """Cross-entropy on (images, labels) batches; scored by top-1 accuracy in percent."""
+
+    metric = "top1"
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device
+             ) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        logits = model(images.to(device, non_blocking=True))
+        return F.cross_entropy(logits, labels.to(device, non_blocking=True)), labels.numel()
+
+    def scores(self, model: nn.Module, loader: Iterable, device: torch.device
+               ) -> dict[str, float]:
+        return {"top1": evaluate(model, loader, device)}
+
+
+CLASSIFICATION = Classification()
 
 
 class _Run:
@@ -75,9 +111,10 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, lr: float = 0.
         resume: bool = False, after_backward: Callable[[], bool | None] | None = None,
         after_step: Callable[[], Any] | None = None,
         state: Mapping[str, Stateful] | None = None, desc: str = "train",
-        log: Callable[[str], Any] = print) -> list[dict]:
-    """Train ``model`` with SGD + cosine LR; returns per-epoch ``{epoch, loss, top1, seconds,
-    skipped}`` (``top1``: validation percent, or None without ``val_loader``).
+        task: Task = CLASSIFICATION, log: Callable[[str], Any] = print) -> list[dict]:
+    """Train ``model`` on ``task`` with SGD + cosine LR; returns per-epoch ``{epoch, loss,
+    metric, seconds, skipped}`` (``metric``: the task's headline validation score, or None
+    without ``val_loader``).
 
     With ``checkpoint`` a checkpoint is written atomically after every epoch; with ``resume``
     an existing one is loaded (model, optimizer, schedule, scaler, history and every ``state``
@@ -100,16 +137,17 @@ def fit(model: nn.Module, train_loader: Iterable, *, epochs: int, lr: float = 0.
         history = _restore(Path(checkpoint), model, run, state, epochs=epochs, log=log)
     for epoch in range(len(history) + 1, epochs + 1):
         started = time.perf_counter()
-        loss, skipped = _train_epoch(model, train_loader, run, epoch=epoch, epochs=epochs,
-                                     desc=desc, after_backward=after_backward,
+        loss, skipped = _train_epoch(model, train_loader, run, task, epoch=epoch,
+                                     epochs=epochs, desc=desc, after_backward=after_backward,
                                      after_step=after_step)
         if skipped:
             log(f"{desc} epoch {epoch}: skipped {skipped} of {batches} batches with a non-finite "
                 "loss; if this recurs, lower --lr")
-        top1 = evaluate(model, val_loader, device) if val_loader is not None else None
-        history.append({"epoch": epoch, "loss": loss, "top1": top1,
+        metric = (task.scores(model, val_loader, device)[task.metric]
+                  if val_loader is not None else None)
+        history.append({"epoch": epoch, "loss": loss, "metric": metric,
                         "seconds": time.perf_counter() - started, "skipped": skipped})
-        log(_summary(desc, history[-1], epochs))
+        log(_summary(desc, history[-1], epochs, task.metric))
         if checkpoint is not None:
             _save(Path(checkpoint), model, run, state, history, epochs=epochs)
     model.train(was_training)
@@ -135,8 +173,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     return 100.0 * correct / total
 
 
-def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, epochs: int,
-                 desc: str, after_backward: Callable[[], bool | None] | None,
+def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, task: Task, *, epoch: int,
+                 epochs: int, desc: str, after_backward: Callable[[], bool | None] | None,
                  after_step: Callable[[], Any] | None) -> tuple[float, int]:
     """One pass; returns (mean finite loss per sample, batches skipped for a non-finite loss)."""
     model.train()
@@ -145,11 +183,9 @@ def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, e
         sampler.set_epoch(epoch - 1)
     loss_sum, seen, skipped = 0.0, 0, 0
     bar = progress_bar(loader, desc=f"{desc} {epoch}/{epochs}", unit="batch", leave=False)
-    for images, labels in bar:
-        images = images.to(run.device, non_blocking=True)
-        labels = labels.to(run.device, non_blocking=True)
+    for batch in bar:
         with run.autocast():
-            loss = F.cross_entropy(model(images), labels)
+            loss, samples = task.loss(model, batch, run.device)
         value = loss.item()
         if not math.isfinite(value):
             skipped += 1
@@ -164,8 +200,8 @@ def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, e
             after_step()
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
-        loss_sum += value * labels.numel()
-        seen += labels.numel()
+        loss_sum += value * samples
+        seen += samples
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)  # drawn at its pace
     if seen == 0:
         raise HalpError(f"{desc} epoch {epoch}: every batch gave a non-finite loss (NaN/inf), so "
@@ -174,10 +210,10 @@ def _train_epoch(model: nn.Module, loader: Iterable, run: _Run, *, epoch: int, e
     return loss_sum / seen, skipped
 
 
-def _summary(desc: str, record: dict, epochs: int) -> str:
-    top1 = "-" if record["top1"] is None else f"{record['top1']:.2f}%"
+def _summary(desc: str, record: dict, epochs: int, metric: str) -> str:
+    value = "-" if record["metric"] is None else f"{record['metric']:.2f}%"
     return (f"{desc} epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, "
-            f"val top-1 {top1}, {record['seconds']:.1f} s")
+            f"val {metric} {value}, {record['seconds']:.1f} s")
 
 
 def _save(path: Path, model: nn.Module, run: _Run, state: Mapping[str, Stateful],

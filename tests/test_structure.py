@@ -253,3 +253,36 @@ def test_inconsistent_channel_mapping_is_left_unpruned() -> None:
         assert layer.cin == sum(c for _, c in layer.in_sources)
         if layer.out_group is not None:
             assert layer.cout == spec.group(layer.out_group).channels
+
+
+class _SharedHead(nn.Module):
+    """A stem, two feature levels, and one head conv run on both (a detector's shared head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(16, 24, 3, padding=1)
+        self.out = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fine = torch.relu(self.stem(x))
+        coarse = torch.relu(self.down(fine))
+        return (self.out(torch.relu(self.head(fine))), self.out(torch.relu(self.head(coarse))))
+
+
+def test_a_module_run_twice_is_a_layer_per_call_pruned_as_one() -> None:
+    from pipeline.slim import slim
+
+    model = _SharedHead().eval()
+    x = torch.randn(1, 3, 32, 32)
+    spec = analyze(model, x)
+    head, again = spec.layer("head"), spec.layer("head#1")
+    assert (head.in_hw, again.in_hw) == ((32, 32), (16, 16))
+    assert (head.in_group, head.out_group) == (again.in_group, again.out_group)
+    assert head.out_group is not None and spec.layer("out#1").in_group == head.out_group
+    assert (again.act, again.post) == (head.act, head.post)
+    assert spec.total_macs == sum(layer.macs for layer in spec.layers)
+    assert head.macs == 4 * again.macs
+    slimmed = slim(model, x, {head.out_group: 8}, spec=spec)  # checked against the masks
+    assert slimmed.head.out_channels == 8 and slimmed.out.in_channels == 8

@@ -66,7 +66,7 @@ def test_fit_reduces_loss_and_reports_each_epoch(digits, capsys):
                   log=quiet)
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["loss"] < history[0]["loss"]
-    assert all(0.0 <= h["top1"] <= 100.0 and h["seconds"] > 0 for h in history)
+    assert all(0.0 <= h["metric"] <= 100.0 and h["seconds"] > 0 for h in history)
     assert not model.training  # mode restored
     # in a log (pytest's capture is not a terminal) progress is a few lines, not one per batch
     assert len(capsys.readouterr().err.splitlines()) <= 2 * 2
@@ -90,7 +90,7 @@ def test_hooks_run_between_backward_and_step_once_per_batch(small):
     history = fit(model, small, epochs=2, after_backward=after_backward, after_step=after_step,
                   log=quiet)
     assert events == ["backward", "step"] * 8
-    assert history[0]["top1"] is None
+    assert history[0]["metric"] is None
 
 
 def test_resume_continues_at_next_epoch_and_restores_state(small, tmp_path):
@@ -183,4 +183,4 @@ def test_evaluate_restores_mode_and_scores_in_percent(small):
 def test_fit_with_amp_on_cuda(digits):
     model = resnet()
     history = fit(model, digits.train, epochs=2, device="cuda", val_loader=digits.val, log=quiet)
-    assert history[1]["loss"] < history[0]["loss"] and history[1]["top1"] > 50
+    assert history[1]["loss"] < history[0]["loss"] and history[1]["metric"] > 50

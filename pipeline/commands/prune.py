@@ -17,6 +17,8 @@ DEMO: dict[str, Any] = {"model": "resnet18", "data": "digits", "input_shape": (1
                         "threads": 1, "target": 0.5, "baseline_epochs": 8, "epochs": 6,
                         "steps": 10, "relax_target": True}
 DEMO_OUT = Path("engines/demo")
+#: the report's scores, as the summary labels them (a classifier's top-1, a detector's mAP)
+SCORES = {"top1": "top-1 %", "map50": "mAP@0.5 %", "map": "mAP@[.5:.95] %"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +101,8 @@ def render(report: dict[str, Any]) -> str:
          f"{report['speedup_predicted']:.2f}x"],
         ["measured ms", f"{d['measured_ms']:.4g}", f"{p['measured_ms']:.4g}",
          f"{report['speedup_measured']:.2f}x"],
-        ["top-1 %", f"{d['top1']:.2f}", f"{p['top1']:.2f}", f"{p['top1'] - d['top1']:+.2f}"],
+        *([label, f"{d[key]:.2f}", f"{p[key]:.2f}", f"{p[key] - d[key]:+.2f}"]
+          for key, label in SCORES.items() if key in d),
     ]
     table = format_table(["", "dense", "pruned", "ratio"], rows)
     return (f"\n{report['model']} on {report['data']} @ {'x'.join(map(str, report['input_shape']))}"
