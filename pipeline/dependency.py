@@ -11,6 +11,7 @@ from typing import Any
 
 import torch_pruning as tp
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import UnsupportedLayer
 from .spec import ChannelGroup, LayerSpec
@@ -25,6 +26,11 @@ _ACTIVATIONS = {
     "HardswishBackward0": "hardswish",
     "SigmoidBackward0": "sigmoid",
 }
+
+
+#: the norms that follow a layer and carry its channels (FrozenBatchNorm2d: a pretrained
+#: detector backbone's, its statistics frozen as buffers)
+NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
 def op_kind(m: nn.Module) -> str:
@@ -58,7 +64,7 @@ def _activation_after(node: Any) -> tuple[bool, str | None]:
     """(followed by BatchNorm, fused activation name) for a layer's DependencyGraph node."""
     has_bn, act = False, None
     cur = node
-    if len(cur.outputs) == 1 and cur.outputs[0].type == tp.ops.OPTYPE.BN:
+    if len(cur.outputs) == 1 and isinstance(cur.outputs[0].module, NORMS):
         has_bn = True
         cur = cur.outputs[0]
     if len(cur.outputs) == 1:
@@ -91,7 +97,7 @@ def _members(group: Any, dg: tp.DependencyGraph, names: Mapping[nn.Module, str])
         if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and not consumed):
             found.reaches_output = True  # a node without successors produces the model output
         lname = names.get(mod)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if isinstance(mod, NORMS):
             found.norms.append(lname)
         if not is_layer(mod) or lname is None:
             continue

@@ -250,6 +250,8 @@ class HalpPruner:
         for ops in self._grad_masks.values():
             ops.clear()
         for param, dim, idx in self._entries:
+            if not param.requires_grad:  # a frozen norm's buffers: zeroed once, never trained
+                continue
             if param not in self._grad_masks:
                 self._grad_masks[param] = []
                 param.register_hook(_grad_hook(self._grad_masks[param]))

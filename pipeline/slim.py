@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import StructureError, UnsupportedLayer
 from .export import output_tensors
@@ -30,8 +31,8 @@ from .structure import analyze, dependency_graph
 
 #: {parameter name: [(dim, sorted indices to zero)]}
 MaskPlan = dict[str, list[tuple[int, list[int]]]]
-#: resolved plan: (parameter, dim, index tensor)
-MaskEntries = list[tuple[nn.Parameter, int, torch.Tensor]]
+#: resolved plan: (parameter or buffer, dim, index tensor)
+MaskEntries = list[tuple[torch.Tensor, int, torch.Tensor]]
 Keep = Mapping[int, Sequence[int] | int]
 
 
@@ -94,6 +95,8 @@ def _param_dims(module: nn.Module, name: str, out: bool) -> list[tuple[str, int]
     """(parameter, dim) holding the pruned channels of ``module`` (out- or input side)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return [("weight", 0), ("bias", 0)] if module.affine else []
+    if isinstance(module, FrozenBatchNorm2d):  # scale and shift zero: the channel outputs 0
+        return [("weight", 0), ("bias", 0)]
     if isinstance(module, nn.Linear):
         if not out:
             return [("weight", 1)]
@@ -113,8 +116,9 @@ def _param_dims(module: nn.Module, name: str, out: bool) -> list[tuple[str, int]
 
 
 def mask_entries(model: nn.Module, plan: MaskPlan) -> MaskEntries:
-    """Resolve a plan against ``model``'s parameters (on their devices)."""
-    params = dict(model.named_parameters())
+    """Resolve a plan against ``model``'s parameters (on their devices), and buffers where a
+    frozen norm keeps its scale and shift in them."""
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     return [(params[name], dim, torch.tensor(idxs, dtype=torch.long, device=params[name].device))
             for name, ops in plan.items() for dim, idxs in ops]
 

@@ -8,13 +8,14 @@ splits come out of the traced graph as coupled groups (read off it by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import layer_context
 from .blocks import residual_blocks
@@ -80,14 +81,42 @@ class Analysis:
     stem: str | None
 
 
+class FrozenNormPruner(tp.pruner.function.BasePruningFunc):
+    """Channel pruning of torchvision's ``FrozenBatchNorm2d`` (its four statistics are buffers,
+    so Torch-Pruning does not know it): detectors built on pretrained backbones use it, and a
+    norm left at full width would break every group it sits in."""
+
+    TARGET_MODULES = (FrozenBatchNorm2d,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        drop = set(idxs)
+        keep = torch.tensor([i for i in range(layer.weight.numel()) if i not in drop])
+        for name in FROZEN_NORM_BUFFERS:
+            setattr(layer, name, getattr(layer, name)[keep.to(layer.weight.device)])
+        return layer
+
+    prune_in_channels = prune_out_channels  # one channel axis: in and out are tied
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.weight.numel())
+
+    get_in_channels = get_out_channels
+
+
+FROZEN_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+#: Torch-Pruning pruners for modules it does not know, passed to every graph built here
+CUSTOM_PRUNERS = {FrozenBatchNorm2d: FrozenNormPruner()}
+
+
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning graph of ``model``, traced in eval mode so BN running stats stay put."""
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                         verbose=False)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, customized_pruners=CUSTOM_PRUNERS,
+                verbose=False)
     finally:
         model.train(was_training)
 

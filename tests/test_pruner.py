@@ -283,3 +283,29 @@ def test_pruner_removes_blocks_and_slims_to_what_it_priced() -> None:
     assert all(isinstance(slim.get_submodule(b.name), nn.Identity) for b in removed)
     assert check_equivalent(model, slim, x) <= 1e-4
     assert lut.predict(analyze(slim, x)) == pytest.approx(pruner.predicted_ms, rel=1e-9)
+
+
+def test_a_backbone_with_frozen_batchnorm_is_pruned_trained_and_slimmed() -> None:
+    """A pretrained detector backbone's norms are FrozenBatchNorm2d: saliency falls back to
+    the producers' weights, the frozen statistics are masked once and sliced by slim."""
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = resnet18(norm_layer=FrozenBatchNorm2d, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.bias.uniform_(-1, 1)
+    x = torch.randn(*INPUT)
+    spec = trace(model, x, ignore_stem=True).spec
+    opt = sgd(model)
+    pruner = HalpPruner(model, x, mac_table(spec), target=0.7, steps=2, interval=2,
+                        optimizer=opt, log=lambda _m: None)
+    train(model, pruner, opt, range(4))
+    assert pruner.done and pruner.predicted_ms < pruner.dense_ms
+    group = spec.layer("layer1.0.conv1").out_group
+    dropped = sorted(set(range(64)) - set(pruner.keep[group]))
+    assert dropped and not model.layer1[0].bn1.bias[dropped].any()
+    assert not model.layer1[0].conv1.weight[dropped].any()
+    slimmed = pruner.finalize()  # checked equal to the masked model
+    assert slimmed.layer1[0].bn1.weight.numel() == len(pruner.keep[group])

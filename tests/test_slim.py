@@ -116,3 +116,32 @@ def test_check_equivalent_fails_loudly() -> None:
     a, b = ConcatNet(), ConcatNet()
     with pytest.raises(StructureError, match="differs from the masked model"):
         check_equivalent(a, b, torch.randn(1, 3, 16, 16))
+
+
+def test_frozen_batchnorm_is_a_norm_of_its_group_sliced_and_masked_to_zero() -> None:
+    """Pretrained detector backbones freeze their BatchNorm statistics as buffers."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from pipeline.slim import mask_entries, mask_plan, zero_entries
+    from pipeline.structure import dependency_graph
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d, num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):  # a shift that a dropped channel must not leak
+            m.bias.uniform_(-1, 1)
+            m.running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 3, 64, 64)
+    spec = analyze(model, x)
+    prunable = [g for g in spec.groups if g.prunable]
+    assert all(g.norms for g in prunable)
+    keep = {g.id: g.channels // 2 for g in prunable}
+    slimmed = slim(model, x, keep, spec=spec)  # checked equal to the masked model
+    assert slimmed.layer1[0].bn1.weight.numel() == 32 and slimmed.bn1.running_var.numel() == 32
+    masked = analyze(slimmed, x)
+    assert masked.total_macs < spec.total_macs
+    drop = {g.id: list(range(g.channels // 2, g.channels)) for g in prunable}
+    entries = mask_entries(model, mask_plan(dependency_graph(model, x), spec, drop))
+    assert any(t is model.layer1[0].bn1.bias for t, _, _ in entries)
+    zero_entries(entries)
+    assert not model.layer1[0].bn1.bias[32:].any() and model.layer1[0].bn1.bias[:32].any()
