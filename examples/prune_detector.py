@@ -27,7 +27,7 @@ from pipeline.backends import get_backend
 from pipeline.detection.core import DetectorCore, with_core
 from pipeline.detection.data import load_detection_data
 from pipeline.detection.task import mean_ap
-from pipeline.lut import build_lut
+from pipeline.lut import LatencyTable, build_lut
 from pipeline.prune import export_and_build, measure_pair
 from pipeline.pruner import HalpPruner
 from pipeline.structure import analyze
@@ -69,6 +69,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    parser.add_argument("--lut", type=Path, default=None,
+                        help="a table of this core measured on the target (halp lut build "
+                        "--model ssdlite320_mobilenet_v3_large --input 1x3x320x320 ...); "
+                        "default: measure one here")
+    parser.add_argument("--max-points", type=int, default=8,
+                        help="grid points per channel axis of a table measured here")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="measurements per point of a table measured here")
     parser.add_argument("--out", type=Path, default=Path("engines/ssdlite-example"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,11 +94,14 @@ def main() -> None:
     train(detector, data.train, optimizer, args.baseline_epochs)
     dense_map = mean_ap(detector, data.val)
 
-    print("2. latency table of the deployable core on this CPU")
+    print("2. latency table of the deployable core")
     backend = get_backend("onnxruntime", threads=args.threads)
     spec = analyze(core, x, name="ssdlite320_mobilenet_v3_large")
-    lut = build_lut(spec, backend, out=args.out / "lut.json", model=core, example_input=x,
-                    passes=3, max_points=8)
+    if args.lut is not None:
+        lut = LatencyTable.load(args.lut)
+    else:  # on this CPU, resumable: an interrupted build measures only what is missing
+        lut = build_lut(spec, backend, out=args.out / "lut.json", model=core, example_input=x,
+                        passes=args.passes, max_points=args.max_points)
 
     print(f"3. HALP to {args.target:.0%} of the dense latency while fine-tuning")
     optimizer = torch.optim.SGD(detector.parameters(), lr=args.lr / 5, momentum=0.9,

@@ -65,7 +65,8 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
-        return {**fields, **fields.pop("scores")}
+        scores = fields.pop("scores")
+        return {**fields, **scores}
 
 
 @dataclass(frozen=True)

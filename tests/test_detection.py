@@ -217,3 +217,17 @@ def test_retinanets_shared_head_is_priced_per_level_and_slimmed_once(tmp_path):
     slim_core = slim(core, x, {group: 128}, spec=spec)
     assert slim_core.head.classification_head.conv[0][0].out_channels == 128
     to_onnx(slim_core, x, tmp_path / "retinanet.onnx")
+
+
+@pytest.mark.slow
+def test_the_detector_example_runs_the_users_loop_to_a_report(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "prune_detector.py"),
+                          "--data", "scenes:32", "--baseline-epochs", "1", "--epochs", "1",
+                          "--threads", "1", "--max-points", "2", "--passes", "1",
+                          "--target", "0.7", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pruned"]["macs"] < report["dense"]["macs"]
+    assert {"measured_ms", "predicted_ms", "map50", "map"} <= set(report["pruned"])
+    assert (tmp_path / "pruned.onnx").is_file()

@@ -286,3 +286,21 @@ def test_a_module_run_twice_is_a_layer_per_call_pruned_as_one() -> None:
     assert head.macs == 4 * again.macs
     slimmed = slim(model, x, {head.out_group: 8}, spec=spec)  # checked against the masks
     assert slimmed.head.out_channels == 8 and slimmed.out.in_channels == 8
+
+
+def test_a_shared_module_is_measured_and_priced_once_per_call(tmp_path) -> None:
+    from pipeline.backends import get_backend
+    from pipeline.lut import build_lut
+
+    model = _SharedHead().eval()
+    x = torch.randn(1, 3, 32, 32)
+    spec = analyze(model, x)
+    backend = get_backend("onnxruntime", threads=1, warmup=1, repeats=3, warmup_ms=0,
+                          min_sample_ms=0)
+    lut = build_lut(spec, backend, step=8, max_points=3, out=tmp_path / "shared.json",
+                    model=model, example_input=x, progress=False)
+    prices = lut.layer_latencies(spec)
+    assert set(prices) == {"stem", "down", "head", "head#1", "out", "out#1"}
+    assert all(ms > 0 for ms in prices.values())
+    signatures = {spec.layer(n).signature() for n in ("head", "head#1")}
+    assert len(signatures) == 2 and signatures <= set(lut.entries)  # one entry per input size

@@ -33,7 +33,7 @@ from pipeline.verify import verify
 MODEL = "ssdlite320_mobilenet_v3_large"
 SETTINGS: dict[str, Any] = {
     "model": MODEL, "task": "detection", "input_shape": (1, 3, 320, 320), "target": 0.5,
-    "data": "scenes:640", "baseline_epochs": 10, "epochs": 5, "steps": 10, "batch_size": 16,
+    "data": "scenes:480", "baseline_epochs": 10, "epochs": 5, "steps": 10, "batch_size": 16,
     "lr": 0.05, "finetune_lr": 0.01}
 QUICK: dict[str, Any] = {
     "data": "scenes:24", "baseline_epochs": 1, "epochs": 1, "steps": 2, "batch_size": 8,
