@@ -302,5 +302,5 @@ def test_a_shared_module_is_measured_and_priced_once_per_call(tmp_path) -> None:
     prices = lut.layer_latencies(spec)
     assert set(prices) == {"stem", "down", "head", "head#1", "out", "out#1"}
     assert all(ms > 0 for ms in prices.values())
-    signatures = {spec.layer(n).signature() for n in ("head", "head#1")}
+    signatures = {spec.layer(n).signature for n in ("head", "head#1")}
     assert len(signatures) == 2 and signatures <= set(lut.entries)  # one entry per input size
