@@ -107,7 +107,12 @@ def load_job(cfg: PruneConfig, *, split_seed: int | None = None) -> Job:
         return Job(data, DETECTION, detector, DetectorCore(detector))
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed,
                      split_seed=split_seed)
+    from .detection.core import DetectorCore
+
     model = load_model(cfg.model, num_classes=data.num_classes)
+    if isinstance(model, DetectorCore):
+        raise HalpError(f"{cfg.model} is a detector: prune it with --task detection and "
+                        "detection data (--data scenes or coco:PATH)")
     return Job(data, CLASSIFICATION, model, model)
 
 

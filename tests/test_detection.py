@@ -231,3 +231,17 @@ def test_the_detector_example_runs_the_users_loop_to_a_report(tmp_path):
     assert report["pruned"]["macs"] < report["dense"]["macs"]
     assert {"measured_ms", "predicted_ms", "map50", "map"} <= set(report["pruned"])
     assert (tmp_path / "pruned.onnx").is_file()
+
+
+def test_a_detector_pruned_as_a_classifier_is_refused_with_the_fix(tmp_path):
+    from pipeline.config import PruneConfig
+    from pipeline.errors import HalpError
+    from pipeline.prune import load_job
+
+    cfg = PruneConfig(model=SSDLITE, data="digits", input_shape=SHAPE, out=tmp_path)
+    with pytest.raises(HalpError, match="--task detection"):
+        load_job(cfg)
+    cfg = PruneConfig(model=SSDLITE, task="detection", data="scenes:8", input_shape=(1, 3, 64, 64),
+                      out=tmp_path)
+    with pytest.raises(HalpError, match="--input 1x3x320x320"):
+        load_job(cfg)
