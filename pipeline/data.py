@@ -11,7 +11,7 @@ order is reproducible, independent of the worker count, and the same after a res
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +57,8 @@ def load_data(spec: str, input_shape: Sequence[int], *, batch_size: int = 64, se
     else:
         raise DataError(f"unknown dataset {spec!r}: use {SPEC_FORMS}")
     return DataBundle(
-        train=_loader(train, batch_size, workers, sampler=_sampler_for(train, seed)),
-        val=_loader(val, batch_size, workers, sampler=None),
+        train=loader(train, batch_size, workers, sampler=_sampler_for(train, seed)),
+        val=loader(val, batch_size, workers, sampler=None),
         num_classes=num_classes,
         name=spec,
     )
@@ -138,18 +138,25 @@ class ShiftedImages(Dataset):
         return image.expand(channels, height, width), self.labels[self.indices[i]]
 
 
-def _digits(channels: int, height: int, width: int, seed: int) -> tuple[Dataset, Dataset, int]:
-    """Digits scaled to [0, 1], resized, normalised with train statistics, split 80/20."""
+def digit_scans(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """The bundled digits: N x 8 x 8 scans in [0, 1], labels, and train / val indices of a
+    stratified 80/20 split drawn from ``seed`` (the classifier's and the scenes' split)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    scans = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.as_tensor(digits.target, dtype=torch.long)
-    images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False,
-                           antialias=True)
     train_idx, val_idx = train_test_split(range(len(labels)), test_size=VAL_FRACTION,
                                           random_state=seed, stratify=labels.numpy())
+    return scans, labels, train_idx, val_idx
+
+
+def _digits(channels: int, height: int, width: int, seed: int) -> tuple[Dataset, Dataset, int]:
+    """Digits scaled to [0, 1], resized, normalised with train statistics, split 80/20."""
+    scans, labels, train_idx, val_idx = digit_scans(seed)
+    images = F.interpolate(scans.unsqueeze(1), size=(height, width), mode="bilinear",
+                           align_corners=False, antialias=True)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
     pad = max(1, round(min(height, width) / 16))  # about half a source pixel
@@ -206,9 +213,10 @@ def _sampler_for(dataset: Dataset, seed: int) -> EpochShuffle:
     return EpochShuffle(len(dataset), seed)
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int,
-            sampler: EpochShuffle | None) -> DataLoader:
+def loader(dataset: Dataset, batch_size: int, workers: int, sampler: EpochShuffle | None,
+           collate_fn: Callable | None = None) -> DataLoader:
+    """Batches of ``dataset``: shuffled by ``sampler`` for training, in order without one."""
     # Dropping a ragged last training batch avoids a batch of one, which BatchNorm rejects.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=sampler is not None and len(dataset) > batch_size,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)

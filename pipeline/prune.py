@@ -142,7 +142,8 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     lut = given if given is not None else latency_table(cfg, spec, backend, model, x, log)
 
     log(f"[3/5] HALP pruning to {_target_text(cfg)} while fine-tuning")
-    pruner = halp_finetune(cfg, model, x, lut, data, interval, out, log, job=job)
+    pruner = halp_finetune(cfg, model, x, lut, data, interval, out, log,
+                           trainable=job.trainable, task=job.task)
     slim_model = pruner.finalize().eval()
     pruned_scores = job.task.scores(job.rejoin(slim_model), data.val,
                                     torch.device(cfg.train_device))
@@ -282,9 +283,10 @@ def prune_interval(cfg: PruneConfig, batches: int) -> int:
 
 def halp_finetune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: LatencyTable,
                   data: Any, interval: int, out: Path, log: Callable[[str], Any], *,
-                  job: Job | None = None) -> HalpPruner:
-    """Fine-tune ``model`` while HALP prunes it to the target (resumable from ``out``); with
-    a ``job``, its trainable model (around ``model``) is what trains, on its task."""
+                  trainable: nn.Module | None = None, task: Task = CLASSIFICATION
+                  ) -> HalpPruner:
+    """Fine-tune ``model`` while HALP prunes it to the target (resumable from ``out``); a
+    ``trainable`` model around it (a detector around its core) is what trains, on ``task``."""
     def pruner_for(target: float | None, target_ms: float | None) -> HalpPruner:
         return HalpPruner(model, x, lut, target=None if target_ms else target,
                           target_ms=target_ms, steps=cfg.steps, interval=interval,
@@ -302,11 +304,11 @@ def halp_finetune(cfg: PruneConfig, model: nn.Module, x: torch.Tensor, lut: Late
     log(f"dense predicted {pruner.dense_ms:.4g} ms → target {pruner.target_ms:.4g} ms; "
         f"{cfg.steps} steps every {interval} iterations")
     ckpt = out / f"finetune-{_settings_key(cfg, FINETUNE_SETTINGS, lut)}.ckpt"
-    trainable = model if job is None else job.trainable
+    trainable = model if trainable is None else trainable
     fit(trainable, data.train, epochs=cfg.epochs, lr=cfg.finetune_lr, device=cfg.train_device,
         val_loader=data.val, checkpoint=ckpt, resume=True,
         after_backward=pruner.step, after_step=pruner.apply_masks, state={"pruner": pruner},
-        desc="halp", task=CLASSIFICATION if job is None else job.task, log=log)
+        desc="halp", task=task, log=log)
     trainable.to("cpu")
     return pruner
 
@@ -321,7 +323,7 @@ def export_and_build(model: nn.Module, x: torch.Tensor, backend: Backend, out: P
 
 
 def measure_pair(dense: engine.Engine, pruned: engine.Engine,
-                  backend: Backend) -> tuple[Measurement, Measurement]:
+                 backend: Backend) -> tuple[Measurement, Measurement]:
     """Alternate dense and pruned rounds so drift (clocks, other load) hits both alike."""
     pair = interleaved([engine.timer(dense, backend), engine.timer(pruned, backend)])
     return pair[0], pair[1]

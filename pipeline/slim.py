@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .dependency import NORMS
 from .errors import StructureError, UnsupportedLayer
 from .export import output_tensors
 from .spec import NetworkSpec, ResidualBlock
@@ -93,10 +93,9 @@ def _block_entries(model: nn.Module, blocks: Sequence[ResidualBlock]
 
 def _param_dims(module: nn.Module, name: str, out: bool) -> list[tuple[str, int]]:
     """(parameter, dim) holding the pruned channels of ``module`` (out- or input side)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return [("weight", 0), ("bias", 0)] if module.affine else []
-    if isinstance(module, FrozenBatchNorm2d):  # scale and shift zero: the channel outputs 0
-        return [("weight", 0), ("bias", 0)]
+    if isinstance(module, NORMS):  # scale and shift zero: the channel outputs 0 (a frozen
+        # norm keeps them in buffers, always present)
+        return [("weight", 0), ("bias", 0)] if getattr(module, "affine", True) else []
     if isinstance(module, nn.Linear):
         if not out:
             return [("weight", 1)]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data import DataBundle, EpochShuffle, check_shape
+from ..data import DataBundle, EpochShuffle, check_shape, loader
 from ..errors import DataError
 from .scenes import NUM_CLASSES, digit_scenes
 from .task import collate
@@ -47,10 +47,8 @@ def load_detection_data(spec: str, input_shape: Sequence[int], *, batch_size: in
     else:
         raise DataError(f"unknown detection dataset {spec!r}: use {SPEC_FORMS}")
     return DataBundle(
-        train=DataLoader(train, batch_size=batch_size, sampler=EpochShuffle(len(train), seed),
-                         num_workers=workers, collate_fn=collate,
-                         drop_last=len(train) > batch_size),
-        val=DataLoader(val, batch_size=batch_size, num_workers=workers, collate_fn=collate),
+        train=loader(train, batch_size, workers, EpochShuffle(len(train), seed), collate),
+        val=loader(val, batch_size, workers, None, collate),
         num_classes=num_classes, name=spec)
 
 

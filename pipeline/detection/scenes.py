@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.ops import box_iou
 
+from ..data import digit_scans
 from ..errors import DataError
 
 #: digit d has label d + 1: torchvision's detectors keep label 0 for the background
@@ -84,8 +86,8 @@ class DigitScenes(Dataset):
         for _ in range(20):
             top = int(rng.integers(0, self.height - side + 1))
             left = int(rng.integers(0, self.width - side + 1))
-            square = [left, top, left + side, top + side]
-            if all(_iou(square, b) <= MAX_OVERLAP for b in boxes):
+            square = torch.tensor([[left, top, left + side, top + side]], dtype=torch.float32)
+            if not boxes or box_iou(square, torch.tensor(boxes)).max() <= MAX_OVERLAP:
                 return top, left
         return None
 
@@ -100,26 +102,10 @@ def _ink_box(patch: torch.Tensor, top: int, left: int) -> list[float] | None:
             float(top + rows[-1] + 1)]
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def digit_scenes(shape: Sequence[int], *, train: int, val: int, split_seed: int = 0
                  ) -> tuple[DigitScenes, DigitScenes]:
     """Train and val scene sets whose scans come from disjoint 80/20 splits of the digits."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    scans = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
-    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=0.2,
-                                          random_state=split_seed, stratify=labels.numpy())
+    scans, labels, train_idx, val_idx = digit_scans(split_seed)
     return (DigitScenes(scans[train_idx], labels[train_idx], train, seed=2 * split_seed,
                         shape=shape),
             DigitScenes(scans[val_idx], labels[val_idx], val, seed=2 * split_seed + 1,
