@@ -106,8 +106,8 @@ def main() -> None:
     print(f"3. HALP to {args.target:.0%} of the dense latency while fine-tuning")
     optimizer = torch.optim.SGD(detector.parameters(), lr=args.lr / 5, momentum=0.9,
                                 weight_decay=4e-5)
-    steps = 10
-    interval = max(1, int(0.6 * args.epochs * len(data.train)) // steps)
+    steps = 10  # spread over the first 30% of the iterations; the rest recovers
+    interval = max(1, int(0.3 * args.epochs * len(data.train)) // steps)
     pruner = HalpPruner(core, x, lut, target=args.target, steps=steps, interval=interval,
                         optimizer=optimizer)
     train(detector, data.train, optimizer, args.epochs, pruner)

@@ -91,9 +91,9 @@ def non_negative(value: Any) -> None:
 
 
 def fraction(value: Any) -> None:
-    """A share of the dense latency: 0 < value <= 1."""
+    """A share (of the dense latency, of the fine-tuning): 0 < value <= 1."""
     if not _finite(value) or not 0 < value <= 1:
-        raise ConfigError(f"must be a fraction of the dense latency in (0, 1], not {value!r}")
+        raise ConfigError(f"must be a fraction in (0, 1], not {value!r}")
 
 
 def image_shape(value: Any) -> None:
@@ -213,6 +213,9 @@ class PruneConfig:
     epochs: int = option(6, "HALP fine-tuning epochs (pruning steps in their first part, "
                          "recovery in the rest)", check=at_least(1))
     steps: int = option(10, "pruning steps", check=at_least(1))
+    prune_span: float = option(0.3, "share of the fine-tuning iterations the pruning steps are "
+                               "spread over; the rest recovers at the final architecture",
+                               parse=float, check=fraction)
     solver: str = option("coupled", "knapsack solver: coupled (every layer at its true "
                          "cin/cout; never worse than decoupled), decoupled (HALP's), highs "
                          "(the coupled MILP, slow reference)", choices=SOLVERS)

@@ -41,9 +41,6 @@ from .spec import NetworkSpec
 from .structure import analyze
 from .train import CLASSIFICATION, Task, fit
 
-#: fraction of the fine-tuning iterations over which the pruning steps are spread; the rest
-#: recovers accuracy at the final architecture
-PRUNE_SPAN = 0.6
 #: with ``relax_target``, an infeasible target becomes this multiple of the smallest network
 #: the table predicts (all the way down, pruning would leave one unit per group)
 RELAXED_MARGIN = 1.15
@@ -222,7 +219,7 @@ def _target_text(cfg: PruneConfig) -> str:
 BASELINE_SETTINGS = ("model", "task", "data", "input_shape", "baseline_epochs", "lr",
                      "batch_size", "seed")
 FINETUNE_SETTINGS = (*BASELINE_SETTINGS, "checkpoint", "target", "target_ms", "epochs", "steps",
-                     "solver", "block_removal", "finetune_lr")
+                     "prune_span", "solver", "block_removal", "finetune_lr")
 
 
 def _settings_key(cfg: PruneConfig, names: tuple[str, ...],
@@ -272,9 +269,10 @@ def latency_table(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: 
 
 
 def prune_interval(cfg: PruneConfig, batches: int) -> int:
-    """Fine-tuning iterations between pruning steps, so that all steps end in PRUNE_SPAN."""
+    """Fine-tuning iterations between pruning steps, so that all steps end within the first
+    ``cfg.prune_span`` of them."""
     iterations = cfg.epochs * batches
-    interval = max(1, int(PRUNE_SPAN * iterations) // cfg.steps)
+    interval = max(1, int(cfg.prune_span * iterations) // cfg.steps)
     if interval * cfg.steps > iterations:
         raise HalpError(f"{cfg.steps} pruning steps do not fit in {iterations} fine-tuning "
                         "iterations; raise --epochs or lower --steps")

@@ -73,6 +73,7 @@ CASES = {
                            "--input", "1x3x32x32", "--out", "{folder}/o"), "no 'train'"),
     "prune out is a file": ((*PRUNE, "--out", "{file}"), "is a file"),
     "prune epochs": ((*PRUNE, "--out", "{folder}/o", "--epochs", "0"), "at least 1"),
+    "prune span": ((*PRUNE, "--out", "{folder}/o", "--prune-span", "1.5"), "(0, 1]"),
     "prune lr": ((*PRUNE, "--out", "{folder}/o", "--lr", "nan"), "finite"),
     "prune solver": ((*PRUNE, "--out", "{folder}/o", "--solver", "exact"),
                      "must be one of coupled, decoupled, highs, not 'exact'"),
@@ -160,6 +161,7 @@ def test_target_ms_replaces_the_fraction(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [{"target": 1.5}, {"target": 0.0}, {"target": float("nan")},
                                  {"target": None}, {"target_ms": -1.0}, {"steps": 0},
                                  {"input_shape": (1, 3, 32)}, {"checkpoint": "missing.pt"},
+                                 {"prune_span": 0.0},
                                  {"backend": "torch"}, {"lut_max_points": 1},
                                  {"solver": "decoupled", "block_removal": True}])
 def test_library_config_is_checked_on_creation(bad: dict, tmp_path: Path) -> None:

@@ -2,13 +2,14 @@
 
 One baseline is trained and one latency table built (both cached in ``--out``). Then for each
 target (a fraction of the dense predicted latency) and seed, five networks are cut from that
-baseline and fine-tuned on the same schedule (``--epochs``, ``--steps`` spread over the first 60% of
-the iterations, the same learning rate and data order):
+baseline and fine-tuned on the same schedule (``--epochs``, ``--steps`` spread over the first
+``--prune-span`` of the iterations, the same learning rate and data order):
 
 - ``halp``: this project's pruner with the table, as `halp prune` runs it;
 - ``halp-arch``: HALP's final architecture (the channels it kept) cut from the baseline at once
   and fine-tuned for the whole schedule, as ``uniform`` is: it tells HALP's choice of
-  architecture apart from its schedule (pruning takes the first 60% of the fine-tuning);
+  architecture apart from its schedule (pruning takes the first ``--prune-span`` of the
+  fine-tuning);
 - ``tp-latency``: Torch-Pruning's ``BasePruner`` with group Taylor importance, global pruning,
   ``round_to`` = the table's step, its ratio searched so that its measured latency matches
   HALP's within ``--tolerance`` (bisection on the table's prediction of a one-shot pruning,
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-epochs", type=int, default=15)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prune-span", type=float, default=PruneConfig.prune_span,
+                   help="share of the fine-tuning the pruning steps are spread over")
     p.add_argument("--lut-passes", type=int, default=3)
     p.add_argument("--lut-max-points", type=int, default=8)
     p.add_argument("--tolerance", type=float, default=0.03,
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                       input_shape=parse_shape(args.input), out=args.out,
                       backend=args.backend, precision=args.precision, threads=args.threads,
                       baseline_epochs=args.baseline_epochs,
-                      epochs=args.epochs, steps=args.steps, lut_passes=args.lut_passes,
+                      epochs=args.epochs, steps=args.steps, prune_span=args.prune_span,
+                      lut_passes=args.lut_passes,
                       lut_max_points=args.lut_max_points, lut_cache=args.out / "luts",
                       relax_target=True,
                       train_device="cuda" if torch.cuda.is_available() else "cpu")
