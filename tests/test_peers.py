@@ -108,18 +108,27 @@ def test_uniform_width_scales_every_group_and_keeps_the_largest_filters():
     assert torch.equal(conv.weight, model.layer2[0].conv1.weight[kept])  # its input: the stem
 
 
-def test_bench_peers_quick_matches_each_method_and_reports_every_field(tmp_path):
+def quick_report(out: Path, *backend: str) -> dict:
+    """``bench_peers.py --quick`` run into ``out``; its report, checked for every field."""
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peers.py"), "--quick",
-                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          "--out", str(out), *backend], capture_output=True, text=True, cwd=ROOT,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     runs = {r["method"]: r for r in report["runs"]}
     assert set(runs) == {"halp", "halp-arch", "tp-latency", "tp-macs", "uniform"}
     for r in runs.values():
         assert {"target", "seed", "measured_ms", "match", "predicted_ms", "macs", "params",
                 "top1", "knob", "tries", "dense_ms", "search_match"} <= set(r)
         assert 0 < r["measured_ms"] < r["dense_ms"] and 0 <= r["top1"] <= 100
+    assert {s["method"] for s in report["summary"]} == set(runs)
+    assert (out / "peers.png").stat().st_size > 10_000
+    return report
+
+
+def test_bench_peers_quick_matches_each_method_and_reports_every_field(tmp_path):
+    report = quick_report(tmp_path)
+    runs = {r["method"]: r for r in report["runs"]}
     # matched by fine-tuned tries: latency as each try measured it beside HALP's, MACs as
     # counted; within a looser bound than the full run's 3%, which the best of a few short
     # tries does not always reach. The final measurement of all six engines together is
@@ -129,5 +138,13 @@ def test_bench_peers_quick_matches_each_method_and_reports_every_field(tmp_path)
         assert abs(runs[method]["search_match"] - 1) <= 0.10, runs[method]
         assert 0.75 <= runs[method]["match"] <= 1.33, runs[method]
     assert abs(runs["tp-macs"]["macs"] / runs["halp"]["macs"] - 1) <= 0.10, runs["tp-macs"]
-    assert {s["method"] for s in report["summary"]} == set(runs)
-    assert (tmp_path / "peers.png").stat().st_size > 10_000
+
+
+def test_bench_peers_runs_on_the_torch_backend(tmp_path):
+    """The GPU comparison's path (issue 12, item 4: ``--backend torch --device cuda``) on this
+    CPU: the table measured by torch, the folded modules timed in place of engines."""
+    report = quick_report(tmp_path, "--backend", "torch", "--device", "cpu")
+    assert report["settings"]["backend"] == "torch"
+    (table,) = (tmp_path / "luts").glob("*.json")
+    assert json.loads(table.read_text())["meta"]["backend"] == "torch"
+    assert not list(tmp_path.glob("*.onnx"))  # no engine path: the modules themselves

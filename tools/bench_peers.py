@@ -20,7 +20,9 @@ baseline and fine-tuned on the same schedule (``--epochs``, ``--steps`` spread o
 
 Every network but HALP's own is fine-tuned from the baseline by the same loop and seed. Every
 network is exported and built as `halp engine` builds it and measured with the backend's
-protocol, the five and the dense one in interleaved rounds. Each finished (target, seed) is
+protocol, the five and the dense one in interleaved rounds. The torch backend (``--backend torch
+--device cuda``: cuDNN, CUDA graphs, CUDA events), which has no engine format, times the
+BatchNorm-folded modules themselves. Each finished (target, seed) is
 appended to ``OUT/results.jsonl``: an interrupted run resumes at the next one. The table
 (mean and spread over seeds) and ``OUT/peers.png`` (top-1 vs measured latency) are made from
 that file.
@@ -47,8 +49,8 @@ import torch
 from torch import nn
 
 from pipeline import engine
-from pipeline.backends import get_backend_taking
-from pipeline.backends.timing import ROUNDS, interleaved
+from pipeline.backends import EngineBuilder, get_backend_taking
+from pipeline.backends.timing import ROUNDS, Measurement, interleaved
 from pipeline.config import PruneConfig, parse_shape
 from pipeline.data import load_data
 from pipeline.fsio import append_journal, atomic_write_json, read_journal
@@ -78,13 +80,15 @@ from pipeline.structure import analyze, trace
 from pipeline.train import evaluate, fit
 
 METHODS = ("halp", "halp-arch", "tp-latency", "tp-macs", "uniform")
+#: one network, loaded once: each call times it again
+Timer = Callable[[], Measurement]
 #: batches whose gradients rank channels for the one-shot pruning the ratio search uses
 SEARCH_BATCHES = 4
 
 
 @dataclass
 class Bench:
-    """Everything one (target, seed) needs: the settings, the baseline, table and engines."""
+    """Everything one (target, seed) needs: the settings, the baseline, table and backend."""
 
     cfg: PruneConfig
     tolerance: float
@@ -100,14 +104,18 @@ class Bench:
     def __post_init__(self) -> None:
         self.spec = trace(self.baseline, self.x, ignore_stem=True).spec
 
-    def built(self, model: nn.Module, name: str) -> engine.Engine:
-        return export_and_build(model.eval(), self.x, self.backend, self.out, name)
+    def built(self, model: nn.Module, name: str) -> Timer:
+        """``model`` as the backend deploys it, loaded once: its engine (``OUT/<name>``), or on
+        the torch backend the folded module."""
+        if isinstance(self.backend, EngineBuilder):
+            built = export_and_build(model.eval(), self.x, self.backend, self.out, name)
+            return engine.timer(built, self.backend)
+        return self.backend.module_timer(model.eval(), self.x)
 
-    def measure(self, *engines: engine.Engine) -> list[float]:
-        """Milliseconds of each engine, in interleaved rounds (three times verify's: the match
+    def measure(self, *timers: Timer) -> list[float]:
+        """Milliseconds of each network, in interleaved rounds (three times verify's: the match
         is judged on differences of a few percent, and these networks run in tenths of a ms)."""
-        return [m.ms for m in interleaved([engine.timer(e, self.backend) for e in engines],
-                                          rounds=3 * ROUNDS)]
+        return [m.ms for m in interleaved(list(timers), rounds=3 * ROUNDS)]
 
     def finetune(self, model: nn.Module, data: Any, seed: int, desc: str,
                  after_backward: Callable[[], bool | None] | None = None) -> nn.Module:
@@ -178,7 +186,7 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     pruner = halp_finetune(cfg, halp_model, x, bench.lut, data, interval, bench.out,
                            log=lambda _: None)
     halp = pruner.finalize().eval()
-    halp_engine = bench.built(halp, f"{tag}-halp")
+    halp_timer = bench.built(halp, f"{tag}-halp")
     cut = {g: k for g, k in pruner.keep.items() if len(k) < spec.group(g).channels}
     models: dict[str, tuple[nn.Module, float, int, float]] = {
         "halp": (halp, target, 1, 1.0),
@@ -187,7 +195,7 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
 
     def relative_ms(model: nn.Module) -> float:
         cand = bench.built(model, f"{tag}-candidate")
-        ms_halp, ms = bench.measure(halp_engine, cand)
+        ms_halp, ms = bench.measure(halp_timer, cand)
         return ms / ms_halp
 
     def tp(ratio: float) -> nn.Module:
@@ -220,10 +228,10 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
                                  "uniform"),
         relative_ms, log)
 
-    engines = [bench.built(bench.baseline, "dense")] + [
-        halp_engine if name == "halp" else bench.built(m, f"{tag}-{name}")
+    timers = [bench.built(bench.baseline, "dense")] + [
+        halp_timer if name == "halp" else bench.built(m, f"{tag}-{name}")
         for name, (m, *_) in models.items()]
-    dense_ms, *measured = bench.measure(*engines)
+    dense_ms, *measured = bench.measure(*timers)
     rows = []
     for (name, (model, knob, tries, found)), ms in zip(models.items(), measured, strict=True):
         rows.append({"target": target, "seed": seed, "measured_ms": ms,
@@ -294,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", default="1x3x32x32")
     p.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.45, 0.3, 0.2, 0.15, 0.12])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--backend", default="onnxruntime",
-                   help="a deploying backend (onnxruntime, or tensorrt where it is installed)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"),
+                   help="onnxruntime, tensorrt where it is installed, or torch (--device cuda "
+                        "on a GPU: the batch is --input's first dimension)")
+    p.add_argument("--device", default=None, help="the torch backend's device (cpu, cuda)")
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for onnxruntime")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for a CPU backend")
     p.add_argument("--baseline-epochs", type=int, default=15)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
@@ -317,16 +327,17 @@ def main(argv: list[str] | None = None) -> int:
         args.lut_passes, args.lut_max_points, args.tries = 1, 4, 5
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
+    # the backend is the bench's own (PruneConfig's are those `halp prune` deploys with)
     cfg = PruneConfig(model=args.model, data="digits",
                       input_shape=parse_shape(args.input), out=args.out,
-                      backend=args.backend, precision=args.precision, threads=args.threads,
                       baseline_epochs=args.baseline_epochs,
                       epochs=args.epochs, steps=args.steps, prune_span=args.prune_span,
                       lut_passes=args.lut_passes,
                       lut_max_points=args.lut_max_points, lut_cache=args.out / "luts",
                       relax_target=True,
                       train_device="cuda" if torch.cuda.is_available() else "cpu")
-    backend = get_backend_taking(cfg.backend, cfg.precision, threads=cfg.threads)
+    backend = get_backend_taking(args.backend, args.precision, threads=args.threads,
+                                 device=args.device)
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     x = torch.randn(*cfg.input_shape)
@@ -349,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
                 append_journal(journal, row)
                 rows.append(row)
     rows = [r for r in rows if r["target"] in args.targets and r["seed"] < args.seeds]
+    desc = backend.describe()
     dense = {"measured_ms": statistics.median(r["dense_ms"] for r in rows),
              "predicted_ms": lut.predict(analyze(baseline, x)), "macs": macs(baseline, x),
              "params": sum(q.numel() for q in baseline.parameters()),
              "top1": evaluate(baseline, data.val),
              "title": f"{cfg.model} on digits @ {args.input}, {args.epochs} fine-tuning epochs\n"
-                      f"{backend.name} {backend.precision}, {backend.describe().device}, "
-                      f"{args.threads} thread(s)"}
+                      f"{backend.name} {backend.precision}, {desc.device}"
+                      + (f", {desc.threads} thread(s)" if desc.threads else "")}
     summaries = summary(rows)
     print(table(summaries, dense))
     report = {"settings": {**vars(args), "out": str(args.out)}, "dense": dense,

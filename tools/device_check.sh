@@ -10,6 +10,9 @@
 #                                  the TensorRT-gated tests, then resnet18 at 224x224 planned
 #                                  as a job, measured fp16 by the torch-free device builder and
 #                                  verified on TensorRT
+#   tools/device_check.sh --peers  CUDA GPU: tools/bench_peers.py on the torch backend at batch
+#                                  32 and batch 1 (issue 12), targets 0.3 and 0.15, 2 seeds each;
+#                                  OUT/peers-bN/report.json and peers.png
 #
 # Results land in $OUT (default /tmp/halp-device-check), one set per batch: lut-bN.json,
 # verify-bN.json, verify-bN.png, verify-bN.txt. Wheels in ./wheels (e.g. torch-pruning for a
@@ -38,6 +41,15 @@ if [ "${1:-}" = "--tensorrt" ]; then
     --plot "$OUT/verify-trt-fp16.png" 2>&1 | grep -v 'it/s\]\|run/s\]\|arch/s\]' \
     | tee "$OUT/verify-trt-fp16.txt"
   exit "${PIPESTATUS[0]}"
+fi
+
+if [ "${1:-}" = "--peers" ]; then
+  for batch in 32 1; do
+    "$PY" tools/bench_peers.py --backend torch --device cuda --input "${batch}x3x32x32" \
+      --targets 0.3 0.15 --seeds 2 --out "$OUT/peers-b$batch" 2>&1 \
+      | grep -v 'it/s\]\|run/s\]\|batch/s\]' | tee "$OUT/peers-b$batch.txt"
+  done
+  exit 0
 fi
 
 if [ "${1:-}" = "--cpu" ]; then
