@@ -24,6 +24,7 @@ import torch
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
 from pipeline.backends import get_backend
+from pipeline.config import PruneConfig
 from pipeline.detection.core import DetectorCore, with_core
 from pipeline.detection.data import load_detection_data
 from pipeline.detection.task import mean_ap
@@ -106,8 +107,9 @@ def main() -> None:
     print(f"3. HALP to {args.target:.0%} of the dense latency while fine-tuning")
     optimizer = torch.optim.SGD(detector.parameters(), lr=args.lr / 5, momentum=0.9,
                                 weight_decay=4e-5)
-    steps = 10  # spread over the first 30% of the iterations; the rest recovers
-    interval = max(1, int(0.3 * args.epochs * len(data.train)) // steps)
+    steps = 10  # spread over the first part of the iterations (halp prune's span); the rest
+    # recovers at the final architecture
+    interval = max(1, int(PruneConfig.prune_span * args.epochs * len(data.train)) // steps)
     pruner = HalpPruner(core, x, lut, target=args.target, steps=steps, interval=interval,
                         optimizer=optimizer)
     train(detector, data.train, optimizer, args.epochs, pruner)

@@ -30,6 +30,9 @@ from .backends.device import slug
 from .backends.timing import interleaved
 from .config import PruneConfig
 from .data import DataBundle, load_data
+from .detection.core import DetectorCore, input_size, with_core
+from .detection.data import load_detection_data
+from .detection.task import DETECTION
 from .errors import HalpError, InfeasibleBudget, LutMismatch
 from .export import to_onnx
 from .fsio import atomic_write_json
@@ -81,18 +84,12 @@ class Job:
         """The trainable model around a (slimmed) copy of the network."""
         if self.network is self.trainable:
             return network
-        from .detection.core import with_core
-
         return with_core(self.trainable, network)
 
 
 def load_job(cfg: PruneConfig, *, split_seed: int | None = None) -> Job:
     """Data, task and models of ``cfg.task``; bad data or models fail here, before training."""
     if cfg.task == "detection":
-        from .detection.core import DetectorCore, input_size
-        from .detection.data import load_detection_data
-        from .detection.task import DETECTION
-
         data = load_detection_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size,
                                    seed=cfg.seed, split_seed=split_seed)
         detector = load_detector(cfg.model, num_classes=data.num_classes)
@@ -104,8 +101,6 @@ def load_job(cfg: PruneConfig, *, split_seed: int | None = None) -> Job:
         return Job(data, DETECTION, detector, DetectorCore(detector))
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=cfg.seed,
                      split_seed=split_seed)
-    from .detection.core import DetectorCore
-
     model = load_model(cfg.model, num_classes=data.num_classes)
     if isinstance(model, DetectorCore):
         raise HalpError(f"{cfg.model} is a detector: prune it with --task detection and "

@@ -81,6 +81,10 @@ class Analysis:
     stem: str | None
 
 
+#: what torchvision's FrozenBatchNorm2d keeps per channel, all in buffers
+FROZEN_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
 class FrozenNormPruner(tp.pruner.function.BasePruningFunc):
     """Channel pruning of torchvision's ``FrozenBatchNorm2d`` (its four statistics are buffers,
     so Torch-Pruning does not know it): detectors built on pretrained backbones use it, and a
@@ -103,7 +107,6 @@ class FrozenNormPruner(tp.pruner.function.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
-FROZEN_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 #: Torch-Pruning pruners for modules it does not know, passed to every graph built here
 CUSTOM_PRUNERS = {FrozenBatchNorm2d: FrozenNormPruner()}
 

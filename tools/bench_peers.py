@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from pipeline import engine
-from pipeline.backends import EngineBuilder, get_backend_taking
+from pipeline.backends import BACKENDS, EngineBuilder, get_backend_taking
 from pipeline.backends.timing import ROUNDS, Measurement, interleaved
 from pipeline.config import PruneConfig, parse_shape
 from pipeline.data import load_data
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", default="1x3x32x32")
     p.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.45, 0.3, 0.2, 0.15, 0.12])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"),
+    p.add_argument("--backend", default="onnxruntime", choices=tuple(BACKENDS),
                    help="onnxruntime, tensorrt where it is installed, or torch (--device cuda "
                         "on a GPU: the batch is --input's first dimension)")
     p.add_argument("--device", default=None, help="the torch backend's device (cpu, cuda)")
