@@ -166,6 +166,46 @@ def test_interrupted_build_resumes_with_only_missing_points(resnet, tmp_path) ->
         build_lut(spec, third, step=STEP, max_points=MAX_POINTS + 1, out=out, progress=False)
 
 
+def test_a_point_between_two_copy_counts_is_timed_at_both_and_priced_between(tmp_path) -> None:
+    """A classifier layer holding most of the network's weights: its working set is about 1.3
+    copies of it, so its points are timed with 2 copies and with 1, and priced in proportion;
+    an interrupted build measures what it lacks of either."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(64, 4096),
+                        nn.ReLU(), nn.Linear(4096, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    spec = analyze(net, torch.randn(1, 8, 2, 2))
+    entries = plan(spec, step=16, max_points=3)
+    sets = WorkingSets(spec, entries)
+    head = spec.layer("2").signature
+    bracketed = {(sig, *k): sets.bracket(sig, *k) for sig, e in entries.items()
+                 for k in e.points if sets.bracket(sig, *k)}
+    assert {k for k in bracketed if k[0] == head} == {(head, *k) for k in entries[head].points}
+    for point, (below, share) in bracketed.items():
+        assert below == sets.copies(*point) - 1 and 0 < share < 1
+        assert sets.span(*point) == pytest.approx(below + share)
+    assert sets.span(head, 64, 4096) == pytest.approx(sets.network / (64 * 4096 + 4096))
+
+    out = tmp_path / "head.json"
+    total = sum(len(e.points) for e in entries.values()) + len(bracketed)
+    first = Interrupting(_backend(), limit=total // 2)
+    with pytest.raises(KeyboardInterrupt):
+        build_lut(spec, first, step=16, max_points=3, out=out, progress=False)
+    second = Interrupting(_backend())
+    saved = [json.loads(line) for line in journal_path(out).read_text().splitlines()[1:]]
+    table = build_lut(spec, second, step=16, max_points=3, out=out, progress=False)
+    assert second.calls == total - total // 2
+    timed = {(r["sig"], r["cin"], r["cout"], bool(r.get("below"))): r for r in saved}
+    both = [p for p in bracketed if (*p, True) in timed and (*p, False) in timed]
+    assert both  # the first run finished some points at both counts
+    for point in both:
+        below, share = bracketed[point]
+        assert timed[(*point, True)]["copies"] == below
+        assert timed[(*point, False)]["copies"] == below + 1
+        lo, hi = (Measurement.from_dict(timed[(*point, b)]).ms for b in (True, False))
+        assert table.entries[point[0]].points[point[1:]].ms == pytest.approx(
+            lo + share * (hi - lo))
+
+
 def test_journal_of_another_build_is_refused(resnet, tmp_path) -> None:
     _, _, spec = resnet
     out = tmp_path / "r.json"

@@ -18,6 +18,7 @@ from pipeline.onnx_layers import (
     ACTIVATIONS,
     MAX_COPIES,
     copies_for,
+    copies_span,
     layer_input,
     layer_model,
     layer_params,
@@ -154,3 +155,7 @@ def test_copies_stream_the_network_working_set_within_limits() -> None:
     assert copies_for(layer, 8, 16, working_set=10**9) == MAX_COPIES
     big = dataclasses.replace(layer, in_hw=(512, 512), out_hw=(256, 256))  # compute-bound
     assert copies_for(big, 8, 16, working_set=10**9) == 1
+    # the span keeps the fraction that the whole copies round up
+    assert copies_span(layer, 8, 16, working_set=5 * own // 4) == pytest.approx(1.25)
+    assert copies_for(layer, 8, 16, working_set=5 * own // 4) == 2
+    assert copies_span(big, 8, 16, working_set=10**9) == 1.0

@@ -60,6 +60,15 @@ class Measurement:
         return replace(self, median_ms=self.median_ms * factor, p10_ms=self.p10_ms * factor,
                        p90_ms=self.p90_ms * factor)
 
+    def toward(self, other: Measurement, share: float) -> Measurement:
+        """This measurement moved ``share`` of the way to ``other`` (each statistic alike)."""
+        def mix(a: float, b: float) -> float:
+            return a + share * (b - a)
+
+        return replace(self, median_ms=mix(self.median_ms, other.median_ms),
+                       p10_ms=mix(self.p10_ms, other.p10_ms),
+                       p90_ms=mix(self.p90_ms, other.p90_ms))
+
     def per_copy(self, copies: int) -> Measurement:
         """One copy's share of a run of ``copies`` identical ops (a packed graph)."""
         return self.scaled(1.0 / copies)

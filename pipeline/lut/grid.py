@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 #: a per-channel product pays the layout conversions the network pays around it (ONNX
 #: Runtime's NCHWc on x86). /6: a point streams the working set of a network pruned to its
 #: width, not the dense network's (:mod:`pipeline.lut.working_sets`), and compute-bound entries
-#: take cold factors at several widths (:mod:`pipeline.lut.cold`). /3 and /4 were measured and
+#: take cold factors at several widths (:mod:`pipeline.lut.cold`). /7: a point whose working
+#: set lies well between two whole copy counts is timed at both and priced between them
+#: (:meth:`~pipeline.lut.working_sets.WorkingSets.bracket`). /3 and /4 were measured and
 #: dropped (docs/BENCHMARKS.md).
-PROTOCOL = "packed-scaled-working-set/6"
+PROTOCOL = "packed-scaled-working-set/7"
 
 Point = typing.Tuple[int, int]
 

@@ -46,6 +46,9 @@ class Journal:
         self.refs: dict[str, dict[tuple[int, int], Measurement]] = {}
         #: (entry signature, cin, cout, "hot" / "streamed") -> pass (:mod:`pipeline.lut.cold`)
         self.cold: dict[tuple[str, int, int, str], dict[int, Measurement]] = {}
+        #: point -> pass: its time at the whole copies below its working set
+        #: (:meth:`~pipeline.lut.working_sets.WorkingSets.bracket`)
+        self.below: dict[tuple[str, int, int], dict[int, Measurement]] = {}
         self.spent_s = 0.0
         if not path.exists():  # the header is written whole, never torn
             atomic_write_text(path, json.dumps({"header": header}) + "\n")
@@ -78,7 +81,8 @@ class Journal:
             self.refs.setdefault(rec["ref"], {})[key] = Measurement.from_dict(rec)
         else:
             point = (rec["sig"], rec["cin"], rec["cout"])
-            self.points.setdefault(point, {})[p] = Measurement.from_dict(rec)
+            taken = self.below if rec.get("below") else self.points
+            taken.setdefault(point, {})[p] = Measurement.from_dict(rec)
 
     def measure(self, rec: dict[str, Any], timer: Callable[[], Measurement]) -> Measurement:
         """Run ``timer`` and :meth:`add` its measurement under ``rec``, with the wall time it
@@ -89,7 +93,8 @@ class Journal:
         return m
 
     def add(self, rec: dict[str, Any], wall_s: float) -> None:
-        """Append a finished point (``sig``, ``cin``, ``cout`` + measurement), a reference
+        """Append a finished point (``sig``, ``cin``, ``cout`` + measurement; ``below`` when
+        timed at the copies below its working set), a reference
         network's measurement (``ref``) or one of an entry's cold-factor pairs (``cold``,
         ``role``, ``cin``, ``cout``)."""
         rec = {**rec, "wall_s": round(wall_s, 4)}

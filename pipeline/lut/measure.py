@@ -25,7 +25,14 @@ from ..backends import Backend, BackendInfo, Measurement
 from ..backends.timing import ROUNDS, combine
 from ..calibration import fit
 from ..errors import HalpError, LutMismatch
-from ..onnx_layers import COLD_INTENSITY, COLD_MACS, COMPUTE_BOUND, MAX_COPIES, MAX_PACKED_MACS
+from ..onnx_layers import (
+    BRACKET_OVERSHOOT,
+    COLD_INTENSITY,
+    COLD_MACS,
+    COMPUTE_BOUND,
+    MAX_COPIES,
+    MAX_PACKED_MACS,
+)
 from ..progress import progress as progress_bar
 from ..spec import NetworkSpec
 from .cold import apply_cold, measure_cold
@@ -75,7 +82,7 @@ def protocol(spec: NetworkSpec) -> dict[str, Any]:
     return {"name": PROTOCOL, "working_set_params": working_set(spec),
             "max_copies": MAX_COPIES, "compute_bound": COMPUTE_BOUND,
             "max_macs": MAX_PACKED_MACS, "cold_intensity": COLD_INTENSITY,
-            "cold_macs": COLD_MACS}
+            "cold_macs": COLD_MACS, "bracket_overshoot": BRACKET_OVERSHOOT}
 
 
 def tasks_of(entries: Mapping[str, LutEntry], shard: Sequence[int] | None = None) -> list[Task]:
@@ -166,7 +173,8 @@ def _measure_passes(backend: Backend, entries: Mapping[str, LutEntry], tasks: li
                       disable=not progress, unit="pt", desc="lut") as bar:
         for p in range(settings.passes):
             measure_cold(backend, entries, journal, sets, p)
-            todo = [pt for pt in tasks if p not in journal.points.get(pt, {})]
+            todo = [pt for pt in tasks if p not in journal.points.get(pt, {})
+                    or (sets.bracket(*pt) and p not in journal.below.get(pt, {}))]
             random.Random(settings.seed + p).shuffle(todo)
             _measure(backend, todo, journal, p, bar, sets)
             _measure_references(timers, journal, p, math.ceil(ROUNDS / settings.passes))
@@ -174,12 +182,23 @@ def _measure_passes(backend: Backend, entries: Mapping[str, LutEntry], tasks: li
 
 def _measure(backend: Backend, todo: list[Task], journal: Journal, p: int, bar: tqdm,
              sets: WorkingSets) -> None:
-    """Time the points ``todo`` in pass ``p``, each packed for its working set."""
+    """Time the points ``todo`` in pass ``p``, each packed for its working set: with the whole
+    copies above it, and right after with those below where it lies between the two
+    (:meth:`~pipeline.lut.working_sets.WorkingSets.bracket`)."""
     for sig, cin, cout in todo:
-        copies = sets.copies(sig, cin, cout)
-        journal.measure({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies},
-                        partial(backend.time_layer, sets.example(sig), cin, cout, copies=copies))
-        bar.update()
+        point = (sig, cin, cout)
+        runs = [(sets.copies(*point), journal.points, {})]
+        bracket = sets.bracket(*point)
+        if bracket:
+            runs.append((bracket[0], journal.below, {"below": True}))
+        for copies, taken, mark in runs:
+            if p in taken.get(point, {}):
+                continue  # journaled before an interruption
+            journal.measure({"sig": sig, "cin": cin, "cout": cout, "pass": p, "copies": copies,
+                             **mark},
+                            partial(backend.time_layer, sets.example(sig), cin, cout,
+                                    copies=copies))
+            bar.update(int(not mark))
 
 
 def _measure_references(timers: Mapping[str, Callable[[], Measurement]], journal: Journal,
@@ -199,8 +218,7 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
     protocol's rule. The references' measurements are kept in the meta; a whole table (not a
     shard) is calibrated on them at once, a shard when merged (:func:`calibrate`)."""
     for sig, entry in entries.items():
-        entry.points = {k: combine(list(journal.points[(sig, *k)].values()))
-                        for k in entry.points}
+        entry.points = {k: _combined(journal, sets, (sig, *k)) for k in entry.points}
     cold = apply_cold(entries, journal, sets)
     measured = {name: combine(list(journal.refs[name].values())) for name, _, _ in references}
     meta = {
@@ -227,6 +245,17 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
     if measured and settings.shard is None:
         calibrate(table, spec)
     return table
+
+
+def _combined(journal: Journal, sets: WorkingSets, point: Task) -> Measurement:
+    """The point's passes combined, and priced between the copies below and above its
+    working set where it lies between the two (in proportion, per copy)."""
+    above = combine(list(journal.points[point].values()))
+    bracket = sets.bracket(*point)
+    if bracket is None:
+        return above
+    below = combine(list(journal.below[point].values()))
+    return below.toward(above, bracket[1])
 
 
 def calibrate(table: LatencyTable, spec: NetworkSpec) -> None:

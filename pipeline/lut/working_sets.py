@@ -12,6 +12,13 @@ scaled by the share of its layer's weights the point keeps, as if every layer we
 alike: ``network × own(cin, cout) / own(full)``, which is about the same number of copies at
 every width of a layer (:data:`~pipeline.lut.grid.PROTOCOL` /6).
 
+A layer that holds much of its network's weights (a classifier of a small input) needs a
+fraction of a copy more than the whole ones: vgg11_bn's first classifier layer is 1.25 copies
+of its working set, and two copies stream 1.6x the weights the network streams, where the
+network's pruned forms fit in a large last-level cache and two copies of their layer do not.
+Such a point is timed at the whole copies around its working set, and priced between them in
+proportion (:meth:`WorkingSets.bracket`).
+
 A signature shared by layers of several widths takes as full the smallest of them that holds
 the point (its own layer, where the point lies inside it).
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from ..onnx_layers import MAX_PACKED_MACS, copies_for, layer_params
+from ..onnx_layers import BRACKET_OVERSHOOT, MAX_PACKED_MACS, copies_span, layer_params
 from ..spec import LayerSpec, NetworkSpec
 from .grid import LutEntry, layer_from_geometry, working_set
 
@@ -51,8 +58,24 @@ class WorkingSets:
         full = min(holding) if holding else fulls[-1][0]
         return max(1, math.ceil(self.network * own / max(1, full)))
 
+    def span(self, sig: str, cin: int, cout: int, max_macs: int = MAX_PACKED_MACS) -> float:
+        """Copies of the layer at (cin, cout) that hold its working set, a fraction where the
+        layer does not divide it, within ``max_macs`` for a compute-bound layer
+        (:func:`~pipeline.onnx_layers.copies_span`)."""
+        return copies_span(self._examples[sig], cin, cout, self.params(sig, cin, cout),
+                           max_macs=max_macs)
+
     def copies(self, sig: str, cin: int, cout: int, max_macs: int = MAX_PACKED_MACS) -> int:
-        """Copies of the layer at (cin, cout) that stream its working set, within ``max_macs``
-        for a compute-bound layer (:func:`~pipeline.onnx_layers.copies_for`)."""
-        return copies_for(self._examples[sig], cin, cout, self.params(sig, cin, cout),
-                          max_macs=max_macs)
+        """Whole copies of the layer at (cin, cout) that stream at least its working set."""
+        return math.ceil(self.span(sig, cin, cout, max_macs))
+
+    def bracket(self, sig: str, cin: int, cout: int) -> tuple[int, float] | None:
+        """(the whole copies below, the share of the way to :meth:`copies`) where rounding up
+        overshoots the working set by more than ``BRACKET_OVERSHOOT``: the point is then also
+        timed at the copies below and priced between the two, as the working set lies between
+        them. None where the usual copies are close enough."""
+        span = self.span(sig, cin, cout)
+        below = math.floor(span)
+        if math.ceil(span) <= span * (1 + BRACKET_OVERSHOOT):
+            return None
+        return below, span - below
