@@ -28,7 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from ..onnx_layers import BRACKET_OVERSHOOT, MAX_PACKED_MACS, copies_span, layer_params
+from ..onnx_layers import (
+    BRACKET_OVERSHOOT,
+    MAX_PACKED_MACS,
+    copies_for,
+    copies_span,
+    layer_params,
+)
 from ..spec import LayerSpec, NetworkSpec
 from .grid import LutEntry, layer_from_geometry, working_set
 
@@ -66,8 +72,10 @@ class WorkingSets:
                            max_macs=max_macs)
 
     def copies(self, sig: str, cin: int, cout: int, max_macs: int = MAX_PACKED_MACS) -> int:
-        """Whole copies of the layer at (cin, cout) that stream at least its working set."""
-        return math.ceil(self.span(sig, cin, cout, max_macs))
+        """Whole copies of the layer at (cin, cout) that stream at least its working set, within
+        ``max_macs`` for a compute-bound layer (:func:`~pipeline.onnx_layers.copies_for`)."""
+        return copies_for(self._examples[sig], cin, cout, self.params(sig, cin, cout),
+                          max_macs=max_macs)
 
     def bracket(self, sig: str, cin: int, cout: int) -> tuple[int, float] | None:
         """(the whole copies below, the share of the way to :meth:`copies`) where rounding up
