@@ -29,7 +29,7 @@ from pipeline.detection.core import DetectorCore, with_core
 from pipeline.detection.data import load_detection_data
 from pipeline.detection.task import mean_ap
 from pipeline.lut import LatencyTable, build_lut
-from pipeline.prune import export_and_build, measure_pair, prune_interval
+from pipeline.prune import export_and_build, measure_pair
 from pipeline.pruner import HalpPruner
 from pipeline.structure import analyze
 
@@ -109,8 +109,7 @@ def main() -> None:
                                 weight_decay=4e-5)
     steps = 10  # spread over the first part of the iterations (halp prune's span); the rest
     # recovers at the final architecture
-    interval = prune_interval(len(data.train), epochs=args.epochs, steps=steps,
-                              span=PruneConfig.prune_span)
+    interval = max(1, int(PruneConfig.prune_span * args.epochs * len(data.train)) // steps)
     pruner = HalpPruner(core, x, lut, target=args.target, steps=steps, interval=interval,
                         optimizer=optimizer)
     train(detector, data.train, optimizer, args.epochs, pruner)

@@ -118,8 +118,7 @@ def run(cfg: PruneConfig, log: Callable[[str], Any] = print) -> dict[str, Any]:
     backend = _backend(cfg)
     job = load_job(cfg)
     data, model = job.data, job.network
-    interval = prune_interval(len(data.train), epochs=cfg.epochs, steps=cfg.steps,
-                              span=cfg.prune_span)
+    interval = prune_interval(cfg, len(data.train))
     x = torch.randn(*cfg.input_shape)
     spec = analyze(model, x, name=cfg.model)  # weights do not change the structure
     given = _given_lut(cfg, backend, spec)
@@ -264,13 +263,13 @@ def latency_table(cfg: PruneConfig, spec: NetworkSpec, backend: Backend, model: 
         return build()
 
 
-def prune_interval(batches: int, *, epochs: int, steps: int, span: float) -> int:
-    """Fine-tuning iterations between pruning steps (``epochs`` of ``batches``), so that all
-    ``steps`` end within the first ``span`` of them (``halp prune --prune-span``)."""
-    iterations = epochs * batches
-    interval = max(1, int(span * iterations) // steps)
-    if interval * steps > iterations:
-        raise HalpError(f"{steps} pruning steps do not fit in {iterations} fine-tuning "
+def prune_interval(cfg: PruneConfig, batches: int) -> int:
+    """Fine-tuning iterations between pruning steps, so that all steps end within the first
+    ``cfg.prune_span`` of them."""
+    iterations = cfg.epochs * batches
+    interval = max(1, int(cfg.prune_span * iterations) // cfg.steps)
+    if interval * cfg.steps > iterations:
+        raise HalpError(f"{cfg.steps} pruning steps do not fit in {iterations} fine-tuning "
                         "iterations; raise --epochs or lower --steps")
     return interval
 

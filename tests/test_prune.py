@@ -105,14 +105,16 @@ def test_cached_table_measured_another_way_is_rebuilt(smoke: tuple[PruneConfig, 
     assert report["pruned"]["predicted_ms"] <= report["target_ms"] * (1 + 1e-9)
 
 
-def test_pruning_steps_end_within_the_span() -> None:
+def test_pruning_steps_end_within_the_span(tmp_path: Path) -> None:
     """The steps are spaced as widely as the span allows, so that the rest of the fine-tuning
     recovers at the final architecture."""
-    interval = prune_interval(22, epochs=4, steps=8, span=0.3)
-    assert interval * 8 <= 0.3 * 4 * 22 < (interval + 1) * 8
-    assert prune_interval(22, epochs=4, steps=8, span=1.0) == 11
+    cfg = PruneConfig(model="resnet18", data="digits", input_shape=SHAPE, out=tmp_path / "o",
+                      epochs=4, steps=8, prune_span=0.3)
+    interval = prune_interval(cfg, batches=22)
+    assert interval * cfg.steps <= 0.3 * 4 * 22 < (interval + 1) * cfg.steps
+    assert prune_interval(replace(cfg, prune_span=1.0), batches=22) == 11
     with pytest.raises(HalpError, match="raise --epochs or lower --steps"):
-        prune_interval(22, epochs=1, steps=30, span=0.3)
+        prune_interval(replace(cfg, epochs=1, steps=30), batches=22)
 
 
 def test_bad_arguments_fail_clearly(tmp_path: Path, capsys) -> None:

@@ -177,8 +177,7 @@ def run_group(bench: Bench, target: float, seed: int, log: Callable[[str], Any]
     data = load_data(cfg.data, cfg.input_shape, batch_size=cfg.batch_size, seed=seed,
                      split_seed=bench.cfg.seed)
     spec, x, step = bench.spec, bench.x, int(bench.lut.meta["step"])
-    interval = prune_interval(len(data.train), epochs=cfg.epochs, steps=cfg.steps,
-                              span=cfg.prune_span)
+    interval = prune_interval(cfg, len(data.train))
     batches = list(islice(iter(data.train), SEARCH_BATCHES))
     tag = f"t{target:g}-s{seed}"
 
