@@ -125,9 +125,12 @@ class Result:
 
 def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, np.ndarray],
                     values: Mapping[int, np.ndarray],
-                    blocks: Sequence[ResidualBlock] = ()) -> Problem:
+                    blocks: Sequence[ResidualBlock] = (), *,
+                    network_params: int | None = None) -> Problem:
     """The coupled problem of ``spec`` priced by ``lut``: group ``g`` (keys of ``counts``, in
     order) may keep ``counts[g][k]`` channels, worth ``values[g][k]``; other groups stay dense.
+    Every layer is priced in a network of ``network_params`` weights where given
+    (:meth:`LatencyTable.latency`).
 
     Only the groups of removable ``blocks`` may offer a count of 0: the block removed, allowed
     when all its groups are at 0 (+inf pair entries otherwise), its layers then costing nothing
@@ -155,7 +158,8 @@ def network_problem(spec: NetworkSpec, lut: LatencyTable, counts: Mapping[int, n
         def price(*chosen: int, layer: LayerSpec = layer, groups: list[int] = groups) -> float:
             if layer.name in inside and 0 in chosen:
                 return 0.0  # its block removed (or not allowed: the ban below prices that)
-            return lut.latency(layer, *layer.dims(dict(zip(groups, chosen, strict=True))))
+            return lut.latency(layer, *layer.dims(dict(zip(groups, chosen, strict=True))),
+                               network_params)
 
         if not touched:
             constant += price()

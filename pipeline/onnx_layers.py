@@ -266,8 +266,8 @@ def layer_model(layer: LayerSpec, cin: int, cout: int, *, seed: int = 0,
 
 def layer_params(layer: LayerSpec, cin: int, cout: int) -> int:
     """Weights and bias of the layer at (cin, cout): the bytes it streams per run, / 4."""
-    groups = groups_at(layer, cin, cout)
-    return math.prod(_weight_shape(layer, cin, cout, groups)) + (cout if layer.bias else 0)
+    groups_at(layer, cin, cout)  # refuses a (cin, cout) the layer cannot take
+    return layer.params_at(cin, cout)
 
 
 def intensity(layer: LayerSpec, cin: int, cout: int) -> float:

@@ -56,6 +56,13 @@ if TYPE_CHECKING:  # only its methods are called: keeps this module free of torc
 DEFAULT_UNIT = 8
 #: re-solves with a tightened budget before the greedy fallback takes over
 MAX_TIGHTEN = 12
+#: solves of one step at most where the table prices heavy layers in the working set of the
+#: network (:mod:`pipeline.lut.ladders`): today's network's, then a bisection for the least
+#: working set whose answer fits in it (:meth:`Planner._settled`)
+WORKING_SET_SOLVES = 6
+#: a step whose answer keeps this close to today's working set is not solved again: the
+#: schedule's small steps (the pruner's) stay one solve each
+WORKING_SET_SLACK = 0.1
 
 Scores = Mapping[int, Sequence[float] | np.ndarray]
 Kept = Mapping[int, Sequence[int] | np.ndarray]
@@ -112,13 +119,16 @@ class Planner:
         self.blocks = [b for b in spec.removable_blocks if set(b.groups) <= set(self.groups)] \
             if block_removal else []
         self._zeroable = {g for b in self.blocks for g in b.groups}
-        #: the coupled problem over every grid count, built on the first coupled step (or why
-        #: the network cannot be priced coupled); each step solves a restriction of it
-        self._coupled_base: coupled.Problem | NotCoupled | None = None
+        #: per working set priced in: the coupled problem over every grid count, built on the
+        #: first coupled step in it (or why the network cannot be priced coupled); each step
+        #: solves a restriction of it
+        self._coupled_base: dict[int | None, coupled.Problem | NotCoupled] = {}
         #: prediction of the dense network
         self.dense_ms = self.predict()
-        smallest = self.predict({g: 0 if g in self._zeroable else int(c[1])
-                                 for g, c in self._choices.items()})
+        #: every group at one unit, every block it may remove removed
+        self._smallest = {g: 0 if g in self._zeroable else int(c[1])
+                          for g, c in self._choices.items()}
+        smallest = self.predict(self._smallest)
         #: the smallest feasible target: every group at one unit, every block it may remove
         #: removed (noisy LUTs may price that above the dense network, which then is the minimum)
         self.minimum_ms = min(smallest, self.dense_ms)
@@ -139,6 +149,11 @@ class Planner:
         """Whole-network ms with every layer at its true (cin, cout) under ``counts`` (the
         blocks whose inner groups are all at zero removed)."""
         return self.lut.predict(self._network(counts), counts)
+
+    def _working_set(self, counts: Mapping[int, int]) -> int | None:
+        """The weights of the network ``counts`` leaves, to price its layers in; None for a
+        table that prices every layer at its point."""
+        return self.lut.working_set(self._network(counts), counts)
 
     def _network(self, counts: Mapping[int, int] | None) -> NetworkSpec:
         """The spec without the blocks ``counts`` removes."""
@@ -185,27 +200,70 @@ class Planner:
         counts = {g: len(k) for g, k in kept.items()}
         method, gap = "exact", None
         for budget in self.schedule(budget_ms, steps, start_ms=self.predict(counts)):
-            current = counts
-            counts, method = self._step(budget, gains, current)
-            gap = None
-            found = None if solver == "decoupled" else self._coupled(budget, gains, current,
-                                                                     solver)
-            if found is not None and self._beats(found[0], counts, budget, gains):
-                (counts, gap), method = found, "coupled"
+            counts, method, gap = self._settled(budget, gains, counts, solver)
         return Plan(counts=counts, keep={g: np.sort(order[g][:c]) for g, c in counts.items()},
                     predicted_ms=self.predict(counts), value=_value(gains, counts),
                     method=method, gap=gap,
                     removed=tuple(b.name for b in self.spec.removed_blocks(counts)))
 
+    def _settled(self, budget: float, gains: Mapping[int, np.ndarray],
+                 current: Mapping[int, int], solver: str
+                 ) -> tuple[dict[int, int], str, float | None]:
+        """One step from ``current`` to ``budget``: (counts, method, gap).
+
+        The knapsack prices every layer in the working set of one network. Where the table
+        prices heavy layers by it (ladders, which never fall as the working set grows), an
+        answer priced in at least its own network's working set costs no more than priced, and
+        one priced in far more over-prunes: a layer whose weights stream from memory in the
+        dense network may run from the cache in the chosen one. So the step is solved in
+        today's network's working set; where its answer's own is smaller by more than
+        ``WORKING_SET_SLACK``, the working set is bisected, in log weights down to the smallest
+        network's, for the least in which the chosen network's own fits
+        (``WORKING_SET_SOLVES`` solves at most). Of the answers, the most valuable within
+        budget by true prediction is kept."""
+        high = self._working_set(current)
+        best = self._solved(budget, gains, current, solver, high)
+        if high is None or self._working_set(best[0]) >= (1 - WORKING_SET_SLACK) * high:
+            return best  # a small step: priced in nearly its own working set already
+        low = self._working_set(self._smallest)
+        for _ in range(WORKING_SET_SOLVES - 1):
+            if low is None or high <= low:
+                break
+            middle = math.isqrt(low * high)
+            found = self._solved(budget, gains, current, solver, middle)
+            if self._beats(found[0], best[0], budget, gains):
+                best = found
+            chosen = self._working_set(found[0])
+            assert chosen is not None
+            if chosen <= middle:
+                high = middle
+            else:
+                low = middle + 1
+        return best
+
+    def _solved(self, budget: float, gains: Mapping[int, np.ndarray],
+                current: Mapping[int, int], solver: str,
+                params: int | None) -> tuple[dict[int, int], str, float | None]:
+        """The step solved with the layers priced in a network of ``params`` weights: the
+        decoupled knapsack's answer, or the coupled one where it is worth more within budget."""
+        counts, method = self._step(budget, gains, current, params)
+        found = None if solver == "decoupled" else self._coupled(budget, gains, current,
+                                                                 solver, params)
+        if found is not None and self._beats(found[0], counts, budget, gains):
+            return found[0], "coupled", found[1]
+        return counts, method, None
+
     def _coupled(self, budget: float, gains: Mapping[int, np.ndarray],
-                 current: Mapping[int, int], solver: str) -> tuple[dict[int, int], float] | None:
+                 current: Mapping[int, int], solver: str,
+                 params: int | None) -> tuple[dict[int, int], float] | None:
         """Counts within ``budget`` by the coupled knapsack (never above ``current``) and the
         certified gap; None when nothing smaller than ``current`` fits, or (``"coupled"``, the
-        default) when the network cannot be priced coupled (:class:`NotCoupled`)."""
+        default) when the network cannot be priced coupled (:class:`NotCoupled`). Layers are
+        priced in a network of ``params`` weights (None: at their points)."""
         allowed = {g: self._allowed(g, current[g])[0 if g in self._zeroable else 1:]
                    for g in self.groups}
         try:
-            problem = self._coupled_problem(allowed, gains)
+            problem = self._coupled_problem(allowed, gains, params)
             result = (coupled.solve_milp if solver == "highs" else coupled_dual.solve)(
                 problem, budget)
         except InfeasibleBudget:
@@ -218,26 +276,29 @@ class Planner:
         return counts, result.gap
 
     def _coupled_problem(self, allowed: Mapping[int, np.ndarray],
-                         gains: Mapping[int, np.ndarray]) -> coupled.Problem:
-        """The coupled problem over the ``allowed`` counts, worth ``gains``: a restriction of
-        the one built over the whole grid (the table is queried once per planner, not once per
-        step), or built afresh where a caller's ``keep`` put a count off the grid."""
+                         gains: Mapping[int, np.ndarray], params: int | None) -> coupled.Problem:
+        """The coupled problem over the ``allowed`` counts, worth ``gains``, priced in a network
+        of ``params`` weights: a restriction of the one built over the whole grid (the table is
+        queried once per planner and working set, not once per step), or built afresh where a
+        caller's ``keep`` put a count off the grid."""
         values = {g: gains[g][c] for g, c in allowed.items()}
         if not all(np.isin(c, self._choices[g]).all() for g, c in allowed.items()):
-            return coupled.network_problem(self.spec, self.lut, allowed, values, self.blocks)
+            return coupled.network_problem(self.spec, self.lut, allowed, values, self.blocks,
+                                           network_params=params)
         grid = {g: c[0 if g in self._zeroable else 1:] for g, c in self._choices.items()}
-        if self._coupled_base is None:
+        base = self._coupled_base.get(params)
+        if base is None:
             try:
-                self._coupled_base = coupled.network_problem(
+                base = coupled.network_problem(
                     self.spec, self.lut, grid, {g: np.zeros(len(c)) for g, c in grid.items()},
-                    self.blocks)
+                    self.blocks, network_params=params)
             except NotCoupled as exc:
-                self._coupled_base = exc
-        if isinstance(self._coupled_base, NotCoupled):
-            raise self._coupled_base
+                base = exc
+            self._coupled_base[params] = base
+        if isinstance(base, NotCoupled):
+            raise base
         picks = [np.flatnonzero(np.isin(grid[g], allowed[g])) for g in self.groups]
-        return replace(self._coupled_base.restricted(picks),
-                       values=[values[g] for g in self.groups])
+        return replace(base.restricted(picks), values=[values[g] for g in self.groups])
 
     def _beats(self, candidate: Mapping[int, int], incumbent: Mapping[int, int], budget: float,
                gains: Mapping[int, np.ndarray]) -> bool:
@@ -270,13 +331,14 @@ class Planner:
         return order, gains
 
     def _step(self, budget: float, gains: Mapping[int, np.ndarray],
-              current: Mapping[int, int]) -> tuple[dict[int, int], str]:
+              current: Mapping[int, int], params: int | None) -> tuple[dict[int, int], str]:
         """Counts within ``budget`` by true prediction, maximising kept saliency, never above
-        ``current``; and the method that found them (:class:`Plan`)."""
+        ``current``, with the layers priced in a network of ``params`` weights; and the method
+        that found them (:class:`Plan`)."""
         allowed = {g: self._allowed(g, current[g]) for g in self.groups}
         values = [gains[g][allowed[g]] for g in self.groups]
         present = self._present(current)
-        costs = [self._costs(g, allowed[g], current, present) for g in self.groups]
+        costs = [self._costs(g, allowed[g], current, present, params) for g in self.groups]
         # everything not charged to a group (its layers at today's counts, the constant)
         room = budget - (self.predict(current) - math.fsum(c[-1] for c in costs))
         best = dict(current)
@@ -292,7 +354,7 @@ class Planner:
                 return counts, "tightened" if attempt else "exact"
             best = counts
             room -= predicted - budget
-        counts = self._greedy(best, budget, gains)
+        counts = self._greedy(best, budget, gains, params)
         if self.predict(counts) <= budget:
             return counts, "greedy"
         return dict(current), "unchanged"
@@ -302,24 +364,26 @@ class Planner:
         return {la.name for la in self._network(counts).layers}
 
     def _costs(self, g: int, allowed: np.ndarray, current: Mapping[int, int],
-               present: set[str]) -> np.ndarray:
+               present: set[str], params: int | None) -> np.ndarray:
         """Latency of the layers producing group g's channels at each allowed count, with
-        their inputs at today's counts (depthwise layers: input = output); only layers in
-        ``present`` (:meth:`_present` of ``current``) count."""
+        their inputs at today's counts (depthwise layers: input = output), in a network of
+        ``params`` weights; only layers in ``present`` (:meth:`_present` of ``current``)
+        count."""
         costs = np.zeros(len(allowed))
         for i, cout in enumerate(allowed[1:].tolist(), start=1):
             costs[i] = math.fsum(self.lut.latency(la, cout if la.op == "dwconv"
-                                                  else la.dims(current)[0], cout)
+                                                  else la.dims(current)[0], cout, params)
                                  for la in self._charged[g] if la.name in present)
         return costs
 
     def _greedy(self, counts: dict[int, int], budget: float,
-                gains: Mapping[int, np.ndarray]) -> dict[int, int]:
+                gains: Mapping[int, np.ndarray], params: int | None) -> dict[int, int]:
         """Drop the unit losing the least saliency per ms saved until the prediction fits.
 
         The fallback when re-solving does not converge; budgets are at least
         :attr:`minimum_ms` (every group at one unit), so it ends within budget unless the LUT
-        prices smaller layers higher.
+        prices smaller layers higher. The savings are priced in a network of ``params``
+        weights; the prediction that ends it in the network's own.
         """
         counts = dict(counts)
         present = self._present(counts)  # greedy removes no block
@@ -330,8 +394,8 @@ class Planner:
                 if len(smaller) <= 1:  # only 0 is below: the group is at one unit
                     continue
                 trial = {**counts, g: int(smaller[-1])}
-                saved = math.fsum(self.lut.latency(la, *la.dims(counts))
-                                  - self.lut.latency(la, *la.dims(trial))
+                saved = math.fsum(self.lut.latency(la, *la.dims(counts), params)
+                                  - self.lut.latency(la, *la.dims(trial), params)
                                   for la in self._touching[g] if la.name in present)
                 lost = float(gains[g][counts[g]] - gains[g][trial[g]])
                 ratio = lost / saved if saved > 0 else math.inf

@@ -104,6 +104,19 @@ class LayerSpec:
             cin = cout
         return cin, cout
 
+    def params_at(self, cin: int, cout: int) -> int:
+        """Weights and bias at (cin, cout): what one run streams from memory, in parameters.
+        Torch- and onnx-free, so a table prices a network's working set without them."""
+        k = math.prod(self.kernel) if self.kernel else 1
+        if self.op == OpKind.LINEAR:
+            weights = cin * cout
+        elif self.op == OpKind.DWCONV or (self.groups > 1
+                                          and self.groups == self.cin == self.cout):
+            weights = cout * k
+        else:  # conv (cout, cin/g, *k) and deconv (cin, cout/g, *k)
+            weights = cin * cout // self.groups * k
+        return weights + (cout if self.bias else 0)
+
     def macs_at(self, cin: int, cout: int) -> int:
         """Multiply-accumulates per sample at the given channel counts."""
         k = math.prod(self.kernel) if self.kernel else 1

@@ -24,6 +24,7 @@ from pipeline.lut import (
 )
 from pipeline.lut.cold import cold_points
 from pipeline.lut.grid import _axis
+from pipeline.lut.ladders import HEAVY_SHARE, ladder_rungs
 from pipeline.lut.working_sets import WorkingSets
 from pipeline.spec import LayerSpec, NetworkSpec
 from pipeline.structure import analyze
@@ -118,7 +119,10 @@ def test_predict_sums_layers_at_pruned_counts(built, resnet) -> None:
     _, _, spec = resnet
     counts = {g.id: max(1, g.channels // 3) for g in spec.prunable_groups}
     layers = table.layer_latencies(spec, counts)
-    assert layers == {lay.name: table.latency(lay, *lay.dims(counts)) for lay in spec.layers}
+    params = table.working_set(spec, counts)  # layer4 at 1x1 has ladders: priced in it
+    assert params is not None
+    assert layers == {lay.name: table.latency(lay, *lay.dims(counts), params)
+                      for lay in spec.layers}
     assert table.predict(spec, counts) == pytest.approx(sum(layers.values()) + table.constant_ms)
 
 
@@ -132,9 +136,13 @@ def test_interrupted_build_resumes_with_only_missing_points(resnet, tmp_path) ->
     _, _, spec = resnet
     out = tmp_path / "r.json"
     entries = plan(spec, STEP, MAX_POINTS)
-    # every point, and the cold-factor pair of each anchor that needs one (:mod:`.cold`)
-    anchors = [a for a in cold_points(entries, WorkingSets(spec, entries)) if a[4] > a[3]]
-    total = sum(len(e.points) for e in entries.values()) + 2 * len(anchors)
+    # every point, the cold-factor pair of each anchor that needs one (:mod:`.cold`) and the
+    # rungs of the heavy entries' ladders (:mod:`.ladders`: layer4 at 1x1)
+    sets = WorkingSets(spec, entries)
+    anchors = [a for a in cold_points(entries, sets) if a[4] > a[3]]
+    rungs = ladder_rungs(entries, sets)
+    assert rungs
+    total = sum(len(e.points) for e in entries.values()) + 2 * len(anchors) + len(rungs)
     first = Interrupting(_backend(), limit=20)
     with pytest.raises(KeyboardInterrupt):
         build_lut(spec, first, step=STEP, max_points=MAX_POINTS, out=out, progress=False)
@@ -186,15 +194,18 @@ def test_a_point_between_two_copy_counts_is_timed_at_both_and_priced_between(tmp
     assert sets.span(head, 64, 4096) == pytest.approx(sets.network / (64 * 4096 + 4096))
 
     out = tmp_path / "head.json"
-    total = sum(len(e.points) for e in entries.values()) + len(bracketed)
-    first = Interrupting(_backend(), limit=total // 2)
+    rungs = len(ladder_rungs(entries, sets))  # timed first in a pass (:mod:`.ladders`)
+    total = sum(len(e.points) for e in entries.values()) + len(bracketed) + rungs
+    limit = rungs + (total - rungs) // 2
+    first = Interrupting(_backend(), limit=limit)
     with pytest.raises(KeyboardInterrupt):
         build_lut(spec, first, step=16, max_points=3, out=out, progress=False)
     second = Interrupting(_backend())
     saved = [json.loads(line) for line in journal_path(out).read_text().splitlines()[1:]]
     table = build_lut(spec, second, step=16, max_points=3, out=out, progress=False)
-    assert second.calls == total - total // 2
-    timed = {(r["sig"], r["cin"], r["cout"], bool(r.get("below"))): r for r in saved}
+    assert second.calls == total - limit
+    timed = {(r["sig"], r["cin"], r["cout"], bool(r.get("below"))): r for r in saved
+             if "sig" in r}  # not the ladders' rungs
     both = [p for p in bracketed if (*p, True) in timed and (*p, False) in timed]
     assert both  # the first run finished some points at both counts
     for point in both:
@@ -204,6 +215,54 @@ def test_a_point_between_two_copy_counts_is_timed_at_both_and_priced_between(tmp
         lo, hi = (Measurement.from_dict(timed[(*point, b)]).ms for b in (True, False))
         assert table.entries[point[0]].points[point[1:]].ms == pytest.approx(
             lo + share * (hi - lo))
+
+
+def test_a_heavy_memory_bound_entry_is_timed_at_a_ladder_of_working_sets(tmp_path) -> None:
+    """The classifier's two large linear layers hold nearly all the network's weights and do
+    one multiply-accumulate per weight: each is timed at its anchor widths with the copies for
+    the network's weights, half of them and so on, journaled and resumed like the points, and
+    a network is priced in its own working set from them. The small layers get none."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(64, 4096),
+                        nn.ReLU(), nn.Linear(4096, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    spec = analyze(net, torch.randn(1, 8, 2, 2))
+    entries = plan(spec, step=16, max_points=3)
+    sets = WorkingSets(spec, entries)
+    rungs = ladder_rungs(entries, sets)
+    heavy = {spec.layer(name).signature for name in ("2", "4")}
+    assert {r[0] for r in rungs} == heavy
+    assert all(sets.share(sig) >= HEAVY_SHARE for sig in heavy)
+    assert sets.share(spec.layer("6").signature) < HEAVY_SHARE
+
+    out = tmp_path / "ladders.json"
+    total = sum(len(e.points) for e in entries.values()) + len(rungs) + sum(
+        1 for sig, e in entries.items() for k in e.points if sets.bracket(sig, *k))
+    with pytest.raises(KeyboardInterrupt):  # within the rungs, which open each pass
+        build_lut(spec, Interrupting(_backend(), limit=len(rungs) // 2), step=16, max_points=3,
+                  out=out, progress=False)
+    second = Interrupting(_backend())
+    table = build_lut(spec, second, step=16, max_points=3, out=out, progress=False)
+    assert second.calls == total - len(rungs) // 2
+    streams = table.meta["streams"]
+    assert streams["network"] == sets.network and set(streams["entries"]) == heavy
+    for sig, curve in streams["entries"].items():
+        mine = [r for r in rungs if r[0] == sig]
+        assert [tuple(a["point"]) for a in curve["anchors"]] == \
+            list(dict.fromkeys((r[1], r[2]) for r in mine))
+        for anchor in curve["anchors"]:
+            copies = [r[3] for r in mine if [r[1], r[2]] == anchor["point"]]
+            assert anchor["params"] == [c * anchor["own"] for c in copies]
+            assert copies[0] == 1 and len(copies) > 1 and min(anchor["ms"]) > 0
+    # the dense network is priced as its points were timed; a pruned one in its own weights
+    assert table.predict(spec) == pytest.approx(
+        sum(table.latency(la, *la.dims()) for la in spec.layers))  # no references: no constant
+    counts = {spec.layer("2").out_group: 256}
+    params = table.working_set(spec, counts)
+    assert params == sum(la.params_at(*la.dims(counts)) for la in spec.layers) < sets.network
+    head = spec.layer("4")
+    assert table.layer_latencies(spec, counts)["4"] == pytest.approx(
+        table.latency(head, *head.dims(counts))
+        * table.streams.factor(head, *head.dims(counts), params))
 
 
 def test_journal_of_another_build_is_refused(resnet, tmp_path) -> None:

@@ -51,7 +51,7 @@ ColdPoint = typing.Tuple[str, int, int, int, int]
 ANCHORS = 3
 
 
-def _widths(layer: LayerSpec) -> list[tuple[int, int]]:
+def anchor_widths(layer: LayerSpec) -> list[tuple[int, int]]:
     """The anchors' (cin, cout): the layer's full width, then each prunable side halved."""
     cin_varies = layer.in_group is not None or any(g is not None for g, _ in layer.in_sources)
     cout_varies = layer.out_group is not None
@@ -78,7 +78,7 @@ def cold_points(entries: Mapping[str, LutEntry], sets: WorkingSets) -> list[Cold
         if not COMPUTE_BOUND <= intensity(layer, layer.cin, layer.cout) < COLD_INTENSITY:
             continue
         mine: list[ColdPoint] = []
-        for cin, cout in _widths(layer):
+        for cin, cout in anchor_widths(layer):
             hot = sets.copies(sig, cin, cout)
             streamed = sets.copies(sig, cin, cout, max_macs=COLD_MACS)  # >= hot: more MACs
             if streamed == hot and not mine:

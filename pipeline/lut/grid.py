@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 #: width, not the dense network's (:mod:`pipeline.lut.working_sets`), and compute-bound entries
 #: take cold factors at several widths (:mod:`pipeline.lut.cold`). /7: a point whose working
 #: set lies well between two whole copy counts is timed at both and priced between them
-#: (:meth:`~pipeline.lut.working_sets.WorkingSets.bracket`). /3 and /4 were measured and
-#: dropped (docs/BENCHMARKS.md).
-PROTOCOL = "packed-scaled-working-set/7"
+#: (:meth:`~pipeline.lut.working_sets.WorkingSets.bracket`). /8: heavy memory-bound entries
+#: are also timed at a ladder of working sets, so a network is priced in its own
+#: (:mod:`pipeline.lut.ladders`, :mod:`pipeline.lut.stream_pricing`). /3 and /4 were measured
+#: and dropped (docs/BENCHMARKS.md).
+PROTOCOL = "packed-scaled-working-set/8"
 
 Point = typing.Tuple[int, int]
 

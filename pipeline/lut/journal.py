@@ -49,6 +49,9 @@ class Journal:
         #: point -> pass: its time at the whole copies below its working set
         #: (:meth:`~pipeline.lut.working_sets.WorkingSets.bracket`)
         self.below: dict[tuple[str, int, int], dict[int, Measurement]] = {}
+        #: (entry signature, cin, cout, copies) -> pass: a rung of its ladder
+        #: (:mod:`pipeline.lut.ladders`)
+        self.ladders: dict[tuple[str, int, int, int], dict[int, Measurement]] = {}
         self.spent_s = 0.0
         if not path.exists():  # the header is written whole, never torn
             atomic_write_text(path, json.dumps({"header": header}) + "\n")
@@ -76,6 +79,9 @@ class Journal:
         if "cold" in rec:
             key = (rec["cold"], rec["cin"], rec["cout"], rec["role"])
             self.cold.setdefault(key, {})[p] = Measurement.from_dict(rec)
+        elif "ladder" in rec:
+            key = (rec["ladder"], rec["cin"], rec["cout"], rec["copies"])
+            self.ladders.setdefault(key, {})[p] = Measurement.from_dict(rec)
         elif "ref" in rec:
             key = (p, int(rec.get("round", 0)))
             self.refs.setdefault(rec["ref"], {})[key] = Measurement.from_dict(rec)
@@ -95,8 +101,9 @@ class Journal:
     def add(self, rec: dict[str, Any], wall_s: float) -> None:
         """Append a finished point (``sig``, ``cin``, ``cout`` + measurement; ``below`` when
         timed at the copies below its working set), a reference
-        network's measurement (``ref``) or one of an entry's cold-factor pairs (``cold``,
-        ``role``, ``cin``, ``cout``)."""
+        network's measurement (``ref``), one of an entry's cold-factor pairs (``cold``,
+        ``role``, ``cin``, ``cout``) or a rung of its ladder (``ladder``, ``cin``, ``cout``,
+        ``copies``)."""
         rec = {**rec, "wall_s": round(wall_s, 4)}
         append_journal(self.path, rec)
         self._take(rec)

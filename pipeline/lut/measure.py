@@ -38,6 +38,7 @@ from ..spec import NetworkSpec
 from .cold import apply_cold, measure_cold
 from .grid import PROTOCOL, LutEntry, Point, working_set
 from .journal import Journal, journal_header, journal_path
+from .ladders import HEAVY_SHARE, RUNGS, ladder_meta, measure_ladders
 from .schema import utc_now
 from .table import LatencyTable
 from .working_sets import WorkingSets
@@ -82,7 +83,8 @@ def protocol(spec: NetworkSpec) -> dict[str, Any]:
     return {"name": PROTOCOL, "working_set_params": working_set(spec),
             "max_copies": MAX_COPIES, "compute_bound": COMPUTE_BOUND,
             "max_macs": MAX_PACKED_MACS, "cold_intensity": COLD_INTENSITY,
-            "cold_macs": COLD_MACS, "bracket_overshoot": BRACKET_OVERSHOOT}
+            "cold_macs": COLD_MACS, "bracket_overshoot": BRACKET_OVERSHOOT,
+            "heavy_share": HEAVY_SHARE, "rungs": RUNGS}
 
 
 def tasks_of(entries: Mapping[str, LutEntry], shard: Sequence[int] | None = None) -> list[Task]:
@@ -166,13 +168,14 @@ def _existing(out: Path, spec: NetworkSpec, header: dict[str, Any], *,
 def _measure_passes(backend: Backend, entries: Mapping[str, LutEntry], tasks: list[Task],
                     timers: Mapping[str, Callable[[], Measurement]], journal: Journal,
                     settings: Settings, sets: WorkingSets, *, progress: bool) -> None:
-    """Each pass: the entries' cold-factor anchors it still lacks (:mod:`pipeline.lut.cold`),
-    the points it still lacks in the pass's own shuffled order, then the reference networks'
-    rounds it still lacks."""
+    """Each pass: the entries' cold-factor anchors and ladder rungs it still lacks
+    (:mod:`pipeline.lut.cold`, :mod:`pipeline.lut.ladders`), the points it still lacks in the
+    pass's own shuffled order, then the reference networks' rounds it still lacks."""
     with progress_bar(total=len(tasks) * settings.passes, initial=journal.taken,
                       disable=not progress, unit="pt", desc="lut") as bar:
         for p in range(settings.passes):
             measure_cold(backend, entries, journal, sets, p)
+            measure_ladders(backend, entries, journal, sets, p)
             todo = [pt for pt in tasks if p not in journal.points.get(pt, {})
                     or (sets.bracket(*pt) and p not in journal.below.get(pt, {}))]
             random.Random(settings.seed + p).shuffle(todo)
@@ -234,6 +237,7 @@ def _assemble(spec: NetworkSpec, entries: dict[str, LutEntry], journal: Journal,
         "passes": settings.passes,
         "protocol": settings.protocol,
         "cold": cold,
+        "streams": ladder_meta(entries, journal, sets),
         "shard": settings.shard,
         "build_s": round(journal.spent_s, 3),
         "dense": measured["dense"].to_dict() if measured else None,

@@ -20,6 +20,7 @@ from ..spec import LayerSpec, NetworkSpec
 from .grid import LutEntry
 from .interpolate import Grid, OutOfRange
 from .schema import FORMAT, VERSION, read_table, utc_now
+from .stream_pricing import StreamCurves, network_params
 
 if TYPE_CHECKING:
     from ..backends import Backend, Measurement
@@ -32,7 +33,9 @@ _MERGE_KEYS = ("backend", "precision", "device_key", "settings", "threads", "ver
 class LatencyTable:
     """Measured per-layer latencies for one backend/precision/device, with the calibration
     against whole networks (:mod:`pipeline.calibration`): queries return ``scale`` × the
-    measured entry, and predictions add ``constant_ms`` for what the entries do not cover."""
+    measured entry, and predictions add ``constant_ms`` for what the entries do not cover.
+    A heavy memory-bound entry is priced in the working set of the network it is in, where
+    the query names it (:mod:`pipeline.lut.stream_pricing`)."""
 
     def __init__(self, meta: dict[str, Any], entries: Mapping[str, LutEntry], *,
                  constant_ms: float | None = None, dense_ms: float | None = None,
@@ -45,6 +48,8 @@ class LatencyTable:
         self.path = Path(path) if path is not None else None
         self._grids: dict[str, Grid] = {}
         self._query = lru_cache(maxsize=1 << 16)(self._value)
+        #: the heavy entries' ladders; false for a table without any
+        self.streams = StreamCurves(meta.get("streams"))
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -89,19 +94,35 @@ class LatencyTable:
         ms, kind = self._classify(layer, cin, cout)
         return self.scale * ms, kind == "exact"
 
-    def latency(self, layer: LayerSpec, cin: int, cout: int) -> float:
-        """Milliseconds for ``layer`` at (cin, cout), calibrated (``scale`` × the entry)."""
-        return self.scale * self._classify(layer, cin, cout)[0]
+    def latency(self, layer: LayerSpec, cin: int, cout: int,
+                network_params: int | None = None) -> float:
+        """Milliseconds for ``layer`` at (cin, cout), calibrated (``scale`` × the entry); in a
+        network of ``network_params`` weights where given (:meth:`working_set`), else in the
+        working set its point was timed in."""
+        return self.scale * self._priced(layer, cin, cout, network_params)
+
+    def _priced(self, layer: LayerSpec, cin: int, cout: int, params: int | None) -> float:
+        ms = self._classify(layer, cin, cout)[0]
+        return ms if params is None else ms * self.streams.factor(layer, cin, cout, params)
+
+    def working_set(self, spec: NetworkSpec, counts: Mapping[int, int] | None = None
+                    ) -> int | None:
+        """The weights of ``spec`` at ``counts``, which price its layers in
+        :meth:`layer_latencies`; None for a table that prices every layer at its point
+        alone (no entry has ladders)."""
+        return network_params(spec, counts) if self.streams else None
 
     def is_measured(self, layer: LayerSpec, cin: int, cout: int) -> bool:
         return self.lookup(layer, cin, cout)[1]
 
     def layer_latencies(self, spec: NetworkSpec, counts: Mapping[int, int] | None = None, *,
                         calibrated: bool = True) -> dict[str, float]:
-        """Per layer name: its latency when each group keeps ``counts[group]`` channels
-        (``calibrated=False``: the measured entries, without the calibration scale)."""
+        """Per layer name: its latency when each group keeps ``counts[group]`` channels, in
+        the working set of that network (``calibrated=False``: the measured entries, without
+        the calibration scale)."""
         scale = self.scale if calibrated else 1.0
-        return {layer.name: scale * self._classify(layer, *layer.dims(counts))[0]
+        params = self.working_set(spec, counts)
+        return {layer.name: scale * self._priced(layer, *layer.dims(counts), params)
                 for layer in spec.layers}
 
     def predict(self, spec: NetworkSpec, counts: Mapping[int, int] | None = None) -> float:
@@ -153,6 +174,10 @@ class LatencyTable:
         meta["references"] = self.meta.get("references") or other.meta.get("references")
         # each shard measured the cold factors of the entries it holds (pipeline.lut.cold)
         meta["cold"] = {**(other.meta.get("cold") or {}), **(self.meta.get("cold") or {})}
+        # and the ladders of its heavy entries (pipeline.lut.ladders)
+        streams = [t.meta["streams"] for t in (other, self) if t.meta.get("streams")]
+        meta["streams"] = {"network": streams[0]["network"], "entries": {
+            sig: c for s in streams for sig, c in s["entries"].items()}} if streams else None
         meta["shard"] = None
         meta["merged_from"] = [*_provenance(self.meta), *_provenance(other.meta)]
         meta["created"] = utc_now()

@@ -37,6 +37,7 @@ from ..onnx_layers import (
 )
 from ..spec import LayerSpec, NetworkSpec
 from .grid import LutEntry, layer_from_geometry, working_set
+from .stream_pricing import timed_working_set
 
 
 class WorkingSets:
@@ -48,6 +49,9 @@ class WorkingSets:
         #: per signature: (own weights at full width, cin, cout) of each of its layers
         self._fulls = {sig: sorted({self._full(sig, *spec.layer(name).dims()) for name in e.layers})
                        for sig, e in entries.items()}
+        #: per signature: the weights its layers hold at full width
+        self._weights = {sig: sum(spec.layer(name).params_at(*spec.layer(name).dims())
+                                  for name in e.layers) for sig, e in entries.items()}
 
     def _full(self, sig: str, cin: int, cout: int) -> tuple[int, int, int]:
         return layer_params(self._examples[sig], cin, cout), cin, cout
@@ -56,13 +60,18 @@ class WorkingSets:
         """The entry's example layer (its geometry), as the backend times it."""
         return self._examples[sig]
 
+    def fulls(self, sig: str) -> list[list[int]]:
+        """(own weights at full width, cin, cout) of each of the entry's layers."""
+        return [list(f) for f in self._fulls[sig]]
+
+    def share(self, sig: str) -> float:
+        """The share of the network's weights that the entry's layers hold at full width."""
+        return self._weights[sig] / max(1, self.network)
+
     def params(self, sig: str, cin: int, cout: int) -> int:
         """The weights streaming between two runs of the layer at (cin, cout)."""
-        own = layer_params(self._examples[sig], cin, cout)
-        fulls = self._fulls[sig]
-        holding = [full for full, ci, co in fulls if cin <= ci and cout <= co]
-        full = min(holding) if holding else fulls[-1][0]
-        return max(1, math.ceil(self.network * own / max(1, full)))
+        return timed_working_set(self.network, self._fulls[sig],
+                                 layer_params(self._examples[sig], cin, cout), cin, cout)
 
     def span(self, sig: str, cin: int, cout: int, max_macs: int = MAX_PACKED_MACS) -> float:
         """Copies of the layer at (cin, cout) that hold its working set, a fraction where the
