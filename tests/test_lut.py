@@ -174,16 +174,22 @@ def test_interrupted_build_resumes_with_only_missing_points(resnet, tmp_path) ->
         build_lut(spec, third, step=STEP, max_points=MAX_POINTS + 1, out=out, progress=False)
 
 
-def test_a_point_between_two_copy_counts_is_timed_at_both_and_priced_between(tmp_path) -> None:
-    """A classifier layer holding most of the network's weights: its working set is about 1.3
-    copies of it, so its points are timed with 2 copies and with 1, and priced in proportion;
-    an interrupted build measures what it lacks of either."""
+def _classifier_heavy() -> tuple[NetworkSpec, dict[str, LutEntry], WorkingSets]:
+    """A small convolution, then a 64→4096 and a 4096→16 linear layer holding nearly all the
+    network's weights: its spec, the planned entries (step 16, 3 points) and working sets."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(64, 4096),
                         nn.ReLU(), nn.Linear(4096, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
     spec = analyze(net, torch.randn(1, 8, 2, 2))
     entries = plan(spec, step=16, max_points=3)
-    sets = WorkingSets(spec, entries)
+    return spec, entries, WorkingSets(spec, entries)
+
+
+def test_a_point_between_two_copy_counts_is_timed_at_both_and_priced_between(tmp_path) -> None:
+    """A classifier layer holding most of the network's weights: its working set is about 1.3
+    copies of it, so its points are timed with 2 copies and with 1, and priced in proportion;
+    an interrupted build measures what it lacks of either."""
+    spec, entries, sets = _classifier_heavy()
     head = spec.layer("2").signature
     bracketed = {(sig, *k): sets.bracket(sig, *k) for sig, e in entries.items()
                  for k in e.points if sets.bracket(sig, *k)}
@@ -222,12 +228,7 @@ def test_a_heavy_memory_bound_entry_is_timed_at_a_ladder_of_working_sets(tmp_pat
     one multiply-accumulate per weight: each is timed at its anchor widths with the copies for
     the network's weights, half of them and so on, journaled and resumed like the points, and
     a network is priced in its own working set from them. The small layers get none."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(64, 4096),
-                        nn.ReLU(), nn.Linear(4096, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
-    spec = analyze(net, torch.randn(1, 8, 2, 2))
-    entries = plan(spec, step=16, max_points=3)
-    sets = WorkingSets(spec, entries)
+    spec, entries, sets = _classifier_heavy()
     rungs = ladder_rungs(entries, sets)
     heavy = {spec.layer(name).signature for name in ("2", "4")}
     assert {r[0] for r in rungs} == heavy
