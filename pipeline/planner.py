@@ -44,6 +44,7 @@ from . import coupled, coupled_dual
 from .config import SOLVERS
 from .errors import HalpError, InfeasibleBudget, NotCoupled
 from .knapsack import solve as solve_knapsack
+from .lut.stream_pricing import network_params
 from .spec import NetworkSpec
 
 if TYPE_CHECKING:  # only its methods are called: keeps this module free of torch
@@ -119,10 +120,11 @@ class Planner:
         self.blocks = [b for b in spec.removable_blocks if set(b.groups) <= set(self.groups)] \
             if block_removal else []
         self._zeroable = {g for b in self.blocks for g in b.groups}
-        #: per working set priced in: the coupled problem over every grid count, built on the
-        #: first coupled step in it (or why the network cannot be priced coupled); each step
-        #: solves a restriction of it
-        self._coupled_base: dict[int | None, coupled.Problem | NotCoupled] = {}
+        #: the coupled problem over every grid count with the working set it is priced in,
+        #: built on the first coupled step in that working set (or why the network cannot be
+        #: priced coupled, in any); each step solves a restriction of it. Only the last one is
+        #: kept: a table with ladders prices each step in another working set
+        self._coupled_base: tuple[int | None, coupled.Problem] | NotCoupled | None = None
         #: prediction of the dense network
         self.dense_ms = self.predict()
         #: every group at one unit, every block it may remove removed
@@ -150,10 +152,9 @@ class Planner:
         blocks whose inner groups are all at zero removed)."""
         return self.lut.predict(self._network(counts), counts)
 
-    def _working_set(self, counts: Mapping[int, int]) -> int | None:
-        """The weights of the network ``counts`` leaves, to price its layers in; None for a
-        table that prices every layer at its point."""
-        return self.lut.working_set(self._network(counts), counts)
+    def _working_set(self, counts: Mapping[int, int]) -> int:
+        """The weights of the network ``counts`` leaves, to price its layers in."""
+        return network_params(self._network(counts), counts)
 
     def _network(self, counts: Mapping[int, int] | None) -> NetworkSpec:
         """The spec without the blocks ``counts`` removes."""
@@ -221,21 +222,21 @@ class Planner:
         network's, for the least in which the chosen network's own fits
         (``WORKING_SET_SOLVES`` solves at most). Of the answers, the most valuable within
         budget by true prediction is kept."""
+        if not self.lut.streams:  # every layer priced at its point
+            return self._solved(budget, gains, current, solver, None)
         high = self._working_set(current)
         best = self._solved(budget, gains, current, solver, high)
-        if high is None or self._working_set(best[0]) >= (1 - WORKING_SET_SLACK) * high:
+        if self._working_set(best[0]) >= (1 - WORKING_SET_SLACK) * high:
             return best  # a small step: priced in nearly its own working set already
         low = self._working_set(self._smallest)
         for _ in range(WORKING_SET_SOLVES - 1):
-            if low is None or high <= low:
+            if high <= low:
                 break
             middle = math.isqrt(low * high)
             found = self._solved(budget, gains, current, solver, middle)
             if self._beats(found[0], best[0], budget, gains):
                 best = found
-            chosen = self._working_set(found[0])
-            assert chosen is not None
-            if chosen <= middle:
+            if self._working_set(found[0]) <= middle:
                 high = middle
             else:
                 low = middle + 1
@@ -279,24 +280,24 @@ class Planner:
                          gains: Mapping[int, np.ndarray], params: int | None) -> coupled.Problem:
         """The coupled problem over the ``allowed`` counts, worth ``gains``, priced in a network
         of ``params`` weights: a restriction of the one built over the whole grid (the table is
-        queried once per planner and working set, not once per step), or built afresh where a
+        queried once per working set priced in, not once per step), or built afresh where a
         caller's ``keep`` put a count off the grid."""
         values = {g: gains[g][c] for g, c in allowed.items()}
         if not all(np.isin(c, self._choices[g]).all() for g, c in allowed.items()):
             return coupled.network_problem(self.spec, self.lut, allowed, values, self.blocks,
                                            network_params=params)
         grid = {g: c[0 if g in self._zeroable else 1:] for g, c in self._choices.items()}
-        base = self._coupled_base.get(params)
-        if base is None:
+        if isinstance(self._coupled_base, NotCoupled):
+            raise self._coupled_base
+        if self._coupled_base is None or self._coupled_base[0] != params:
             try:
-                base = coupled.network_problem(
+                self._coupled_base = params, coupled.network_problem(
                     self.spec, self.lut, grid, {g: np.zeros(len(c)) for g, c in grid.items()},
                     self.blocks, network_params=params)
             except NotCoupled as exc:
-                base = exc
-            self._coupled_base[params] = base
-        if isinstance(base, NotCoupled):
-            raise base
+                self._coupled_base = exc
+                raise
+        base = self._coupled_base[1]
         picks = [np.flatnonzero(np.isin(grid[g], allowed[g])) for g in self.groups]
         return replace(base.restricted(picks), values=[values[g] for g in self.groups])
 
