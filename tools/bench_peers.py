@@ -317,14 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lut-max-points", type=int, default=8)
     p.add_argument("--tolerance", type=float, default=0.03,
                    help="measured latency match to HALP's (relative)")
-    p.add_argument("--tries", type=int, default=3,
-                   help="fine-tuned tries per match (--quick: 5, its fine-tuning is short)")
+    p.add_argument("--tries", type=int, default=None,
+                   help="fine-tuned tries per match (default 3; --quick: 5, its fine-tuning is "
+                        "short)")
     p.add_argument("--quick", action="store_true",
                    help="one target (0.3), one seed, short schedules, a coarse table, 5 tries")
     args = p.parse_args(argv)
     if args.quick:
         args.targets, args.seeds, args.baseline_epochs, args.epochs, args.steps = [0.3], 1, 3, 2, 4
-        args.lut_passes, args.lut_max_points, args.tries = 1, 4, 5
+        args.lut_passes, args.lut_max_points = 1, 4
+    if args.tries is None:
+        args.tries = 5 if args.quick else 3
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     # the backend is the bench's own (PruneConfig's are those `halp prune` deploys with)
