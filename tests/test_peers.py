@@ -145,8 +145,12 @@ def test_bench_peers_quick_matches_each_method_and_reports_every_field(tmp_path)
 
 def test_bench_peers_runs_on_the_torch_backend(tmp_path):
     """The GPU comparison's path (issue 12, item 4: ``--backend torch --device cuda``) on this
-    CPU: the table measured by torch, the folded modules timed in place of engines."""
-    report = quick_report(tmp_path, "--backend", "torch", "--device", "cpu")
+    CPU: the table measured by torch, the folded modules timed in place of engines. One try
+    per match and a one-epoch baseline: the matching itself is the test above's."""
+    report = quick_report(tmp_path, "--backend", "torch", "--device", "cpu", "--tries", "1",
+                          "--baseline-epochs", "1")
+    assert report["settings"]["tries"] == 1 and report["settings"]["baseline_epochs"] == 1
+    assert report["settings"]["targets"] == [0.3]  # the rest of --quick still holds
     assert report["settings"]["backend"] == "torch"
     (table,) = (tmp_path / "luts").glob("*.json")
     assert json.loads(table.read_text())["meta"]["backend"] == "torch"

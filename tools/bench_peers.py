@@ -294,6 +294,11 @@ def plot(summaries: list[dict[str, Any]], dense: dict[str, float], path: Path) -
     save_png(fig, path)
 
 
+#: what ``--quick`` changes, as defaults: a flag given explicitly still wins
+QUICK = {"targets": [0.3], "seeds": 1, "baseline_epochs": 3, "epochs": 1, "steps": 4,
+         "lut_passes": 1, "lut_max_points": 4, "tries": 5}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,17 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lut-max-points", type=int, default=8)
     p.add_argument("--tolerance", type=float, default=0.03,
                    help="measured latency match to HALP's (relative)")
-    p.add_argument("--tries", type=int, default=None,
-                   help="fine-tuned tries per match (default 3; --quick: 5, its fine-tuning is "
-                        "short)")
+    p.add_argument("--tries", type=int, default=3,
+                   help="fine-tuned tries per match (--quick: 5, its fine-tuning is short)")
     p.add_argument("--quick", action="store_true",
-                   help="one target (0.3), one seed, short schedules, a coarse table, 5 tries")
+                   help="one target (0.3), one seed, short schedules, a coarse table, 5 tries; "
+                        "any of these given explicitly overrides it")
+    if p.parse_known_args(argv)[0].quick:
+        p.set_defaults(**QUICK)
     args = p.parse_args(argv)
-    if args.quick:
-        args.targets, args.seeds, args.baseline_epochs, args.epochs, args.steps = [0.3], 1, 3, 2, 4
-        args.lut_passes, args.lut_max_points = 1, 4
-    if args.tries is None:
-        args.tries = 5 if args.quick else 3
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     # the backend is the bench's own (PruneConfig's are those `halp prune` deploys with)
