@@ -41,6 +41,10 @@ KNAPSACK_TARGETS = (0.35, 0.5, 0.65, 0.8)
 #: (solver, knapsack steps) per planned architecture: the coupled knapsack in one step, and
 #: HALP's decoupled one in many small steps, as the pruner's schedule takes them
 PLANS = (("coupled", 1), ("decoupled", 8))
+#: a sample whose slow rounds (p90) took this many times its fast ones (p10) was measured on a
+#: busy machine: on a 2-vCPU guest at 2 threads, any other runnable thread costs a round a
+#: scheduler slice of several ms, 3-13x a 1 ms network (docs/BENCHMARKS.md, run J)
+BUSY_SPREAD = 2.0
 
 
 @dataclass
@@ -55,6 +59,11 @@ class Sample:
     @property
     def error_pct(self) -> float:
         return 100.0 * (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def spread(self) -> float:
+        """p90 over p10 of its rounds: near 1 on a quiet machine."""
+        return self.p90_ms / self.p10_ms if self.p10_ms > 0 else float("inf")
 
 
 @dataclass
@@ -88,6 +97,12 @@ class VerifyReport:
     def passed(self) -> bool:
         return self.mape <= 100.0 * self.tolerance
 
+    @property
+    def busy(self) -> list[Sample]:
+        """Samples measured while the machine was busy (:data:`BUSY_SPREAD`): their errors say
+        more about the machine than about the table."""
+        return [s for s in self.samples if s.spread > BUSY_SPREAD]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mape": self.mape, "max_abs_pct_error": self.max_abs_pct_error,
@@ -95,9 +110,10 @@ class VerifyReport:
             "model": self.model, "input_shape": list(self.input_shape), "lut": self.lut,
             "backend": self.backend, "dense_measured_ms": self.dense_measured_ms,
             "calibration": self.calibration, "scale": self.scale,
-            "constant_ms": self.constant_ms,
+            "constant_ms": self.constant_ms, "busy_samples": len(self.busy),
             "samples": [{**asdict(s), "counts": {str(g): c for g, c in s.counts.items()},
-                         "error_pct": s.error_pct} for s in self.samples],
+                         "error_pct": s.error_pct, "spread": s.spread}
+                        for s in self.samples],
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from _tables import mac_table
 
 from pipeline.backends import get_backend
 from pipeline.cli import main
+from pipeline.commands.verify import render
 from pipeline.errors import LutMismatch
 from pipeline.lut import LatencyTable
 from pipeline.planner import Planner
@@ -80,6 +82,15 @@ def test_verify_report_table_json_and_plot(tmp_path: Path, capsys) -> None:
     for sample in data["samples"]:
         assert sample["predicted_ms"] > 0 and sample["measured_ms"] > 0 and sample["counts"]
     assert data["mape"] == pytest.approx(np.mean([abs(s["error_pct"]) for s in data["samples"]]))
+    # a sample whose slow rounds took 3x its fast ones was measured on a busy machine: said,
+    # with what to do; quiet samples say nothing
+    report.samples = [replace(s, p90_ms=s.p10_ms) for s in report.samples]
+    assert not report.busy and "warning" not in render(report)
+    report.samples[1] = replace(report.samples[1], p90_ms=3 * report.samples[1].p10_ms)
+    text = render(report)
+    assert "1 of 4 samples were measured while the machine was busy" in text
+    assert "up to 3.0x" in text and "--threads" in text
+    assert report.to_dict()["busy_samples"] == 1
 
     rc = main(_args(lut_path("resnet18"), "--tolerance", "1000", "--report",
                     str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")))

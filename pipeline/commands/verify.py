@@ -100,7 +100,22 @@ def render(report: VerifyReport) -> str:
             f"({report.backend['device']}): dense measured {report.dense_measured_ms:.4g} ms\n"
             f"mean abs error {report.mape:.2f}%  worst {report.max_abs_pct_error:.2f}%  "
             f"spearman {report.spearman:.3f}  tolerance {100 * report.tolerance:.1f}%  "
-            f"{verdict}")
+            f"{verdict}{_busy_warning(report)}")
+
+
+def _busy_warning(report: VerifyReport) -> str:
+    """A warning line where samples were measured on a busy machine, with what to do."""
+    from ..verify import BUSY_SPREAD  # torch comes with it: only once a report exists
+
+    busy = report.busy
+    if not busy:
+        return ""
+    worst = max(s.spread for s in busy)
+    return (f"\nwarning: {len(busy)} of {len(report.samples)} samples were measured while the "
+            f"machine was busy (slow rounds up to {worst:.1f}x their fastest, more than "
+            f"{BUSY_SPREAD:g}x); their errors say more about the machine than about the table. "
+            "Measure with nothing else running, or with --threads below the CPUs this machine "
+            "has (a 2-vCPU guest at 2 threads loses a scheduler slice to any other thread)")
 
 
 def plot(report: VerifyReport, path: str | Path) -> Path:
