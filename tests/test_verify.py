@@ -22,7 +22,14 @@ from pipeline.errors import LutMismatch
 from pipeline.lut import LatencyTable
 from pipeline.planner import Planner
 from pipeline.structure import trace
-from pipeline.verify import KNAPSACK_TARGETS, _architectures, random_counts, spearman, verify
+from pipeline.verify import (
+    KNAPSACK_TARGETS,
+    _architectures,
+    random_counts,
+    spearman,
+    speed_change,
+    verify,
+)
 
 
 def test_planned_samples_include_coupled_and_decoupled_solutions() -> None:
@@ -71,9 +78,16 @@ def test_verify_report_table_json_and_plot(tmp_path: Path, capsys) -> None:
     model = make_model("resnet18")
     backend = get_backend("onnxruntime", threads=1, warmup=1, repeats=3, warmup_ms=0)
     lut = LatencyTable.load(lut_path("resnet18"), backend=backend)
+    assert lut.dense_ms and lut.meta["input_shape"] == list(INPUT)
+    lut.dense_ms = 1e-3  # as if the build had run on a machine far faster than this one
+    said: list[str] = []
     report = verify(model, torch.randn(*INPUT), lut, backend, samples=4, rounds=1,
-                    progress=False, log=lambda _m: None)
+                    progress=False, log=said.append)
     assert len(report.samples) == 4
+    # the slower machine is named before the table check that would blame the table
+    assert said[0].startswith("note: this run measured the dense network at")
+    assert "the table's build at 0.001 ms" in said[0]
+    assert report.to_dict()["build_dense_ms"] == 1e-3
     kinds = [s.kind.split("@")[0] for s in report.samples]  # a third of 4: one plan
     assert kinds == ["coupled", "random", "random", "random"]
     data = report.to_dict()
@@ -98,6 +112,13 @@ def test_verify_report_table_json_and_plot(tmp_path: Path, capsys) -> None:
     assert rc == 0 and "mean abs error" in out and "PASS" in out
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_speed_change_named_beyond_ten_percent() -> None:
+    assert speed_change(None, 5.0) is None  # no build measurement for this input
+    assert speed_change(5.0, 5.4) is None
+    assert "(+14%)" in speed_change(7.962, 9.054)
+    assert "(-20%)" in speed_change(10.0, 8.0)
 
 
 def test_exit_code_follows_tolerance(capsys) -> None:

@@ -113,7 +113,8 @@ def _busy_warning(report: VerifyReport) -> str:
     worst = max(s.spread for s in busy)
     return (f"\nwarning: {len(busy)} of {len(report.samples)} samples were measured while the "
             f"machine was busy (slow rounds up to {worst:.1f}x their fastest, more than "
-            f"{BUSY_SPREAD:g}x); their errors say more about the machine than about the table. "
+            f"{BUSY_SPREAD:g}x): even their fastest rounds may be slowed, so a large error "
+            "on them says more about the machine than about the table. "
             "Measure with nothing else running, or with --threads below the CPUs this machine "
             "has (a 2-vCPU guest at 2 threads loses a scheduler slice to any other thread)")
 
